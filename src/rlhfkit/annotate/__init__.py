@@ -1,0 +1,1 @@
+"""Simulated annotators: gold scorers plus Bradley-Terry (Plackett-Luce) label noise."""

@@ -1,0 +1,1 @@
+"""Generation from left-padded prompts and scoring of the responses."""

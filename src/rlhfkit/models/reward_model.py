@@ -1,0 +1,51 @@
+"""Reward (and value) models: the LM trunk plus a scalar head, read at the last non-pad token.
+
+We use transformers' `AutoModelForSequenceClassification` with `num_labels=1` as the container: started from a
+causal-LM folder it keeps the trunk and adds a fresh linear `score` head, and the folder it saves loads back
+in transformers (and in vLLM as a reward model) with no code of ours. We compute the score ourselves,
+applying the head only to the last real token's hidden state, from the attention mask, so left padding,
+right padding and pad == EOS all give the same answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.core.positions import last_token_index
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import disable_dropout, resolve_model_path, torch_dtype
+
+
+def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "float32",
+                      trust_remote_code: bool = False):
+    """A scalar-head model from a reward-model folder, or a fresh head on a causal-LM folder's trunk."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = resolve_model_path(None if path is None else str(path))
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        raise UserError(f"{folder}: no *.safetensors weights in this model folder")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except (ValueError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder}: cannot load as a reward model: {first}") from exc
+    if not hasattr(model, "score"):
+        raise UserError(f"{folder}: {type(model).__name__} has no scalar 'score' head; use a decoder-only LM")
+    # Used by transformers' own pooling when others load our folder; keep it right.
+    model.config.pad_token_id = pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar score per sequence. input_ids, attention_mask: (B, T) -> (B,) float32."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]  # (B, H)
+    return model.score(last).squeeze(-1).float()  # (B,)

@@ -1,0 +1,127 @@
+"""Resumable checkpoints under `output_dir/checkpoints/step-N/`, written atomically.
+
+A checkpoint holds everything needed to continue as if never stopped: the model (a HF safetensors folder),
+the optimizer and scheduler states, the RNG states (torch, Python, NumPy) and the trainer's position
+(step, epoch, micro-batch within the epoch). It is written into a temporary folder that is renamed into
+place only when complete, so a crash mid-write leaves the previous checkpoint as the newest one.
+Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rlhfkit.errors import UserError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def rng_state() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict, torch_state: torch.Tensor) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], None], optimizer, scheduler,
+                    trainer_state: dict, keep_last_n: int = 0) -> Path:
+    """Write checkpoint `step-{step}` atomically and prune old ones beyond `keep_last_n` (0 keeps all)."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng_torch.pt")
+    state = dict(trainer_state, step=step, rng=rng_state())
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last_n > 0:
+        for _, old in list_checkpoints(output_dir)[:-keep_last_n]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from a checkpoint folder; return its trainer state.
+    The model weights are loaded by the caller (it knows the model class) from `path / 'model'`."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        set_rng_state(state["rng"], torch.load(path / "rng_torch.pt", weights_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot resume from this checkpoint: {exc}") from exc
+    return state
+
+
+def load_model_weights(model, folder: Path) -> None:
+    """Copy weights saved by `save_pretrained` in `folder` into `model` (same architecture)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: checkpoint has no safetensors weights")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (e.g. lm_head = embed_tokens) are saved once; anything else missing is an error.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{folder}: checkpoint does not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")

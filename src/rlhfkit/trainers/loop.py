@@ -1,0 +1,138 @@
+"""The supervised training loop shared by SFT and reward-model training.
+
+A trainer hands the loop a `SupervisedTask` (model, tokenised examples, collate, loss) and the loop does the
+rest the same way for every stage: a seeded order of micro-batches, gradient accumulation normalised over the
+whole accumulation window, clipping, AdamW with warm-up + decay, metrics.jsonl, evaluation every N steps,
+atomic checkpoints every N steps, and resume from the newest one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhfkit.errors import UserError
+from rlhfkit.trainers.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights,
+                                         save_checkpoint, seed_everything)
+from rlhfkit.trainers.metrics_log import MetricsLog
+from rlhfkit.trainers.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class SupervisedTask:
+    model: torch.nn.Module
+    train_examples: list
+    collate: Callable[[list], dict]
+    # loss(model, batch, normaliser) -> (loss, metrics). `normaliser` counts the loss units (completion
+    # tokens, pairs) of the whole accumulation window, so summed micro-batch losses equal one big batch's.
+    loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
+    units: Callable[[dict], float]
+    save_model: Callable[[Path], None]
+    evaluate: Callable[[], dict] | None = None
+    lr_overrides: dict[str, float] | None = None
+
+
+class BatchOrder:
+    """Micro-batch number i -> example indices. Epoch e uses its own seeded permutation, so the order is a
+    pure function of (seed, i): resuming at micro-batch i needs nothing but i."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.per_epoch = math.ceil(n_examples / batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, microbatch: int) -> list[int]:
+        epoch, within = divmod(microbatch, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+        return self._perm[within * self.batch_size:(within + 1) * self.batch_size]
+
+
+def total_steps(config, n_examples: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = math.ceil(n_examples / config.batch_size)
+    return max(1, math.ceil(config.num_epochs * per_epoch / config.gradient_accumulation_steps))
+
+
+def _progress(config, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not config.progress, dynamic_ncols=True)
+
+
+def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) -> list[dict]:
+    """Train to the configured number of steps; return the logged rows of this run."""
+    if not task.train_examples:
+        raise UserError("no training examples left after tokenisation")
+    seed_everything(config.seed)
+    order = BatchOrder(len(task.train_examples), config.batch_size, config.seed)
+    steps = total_steps(config, len(task.train_examples))
+    optimizer = build_optimizer(task.model, config, task.lr_overrides)
+    scheduler = build_scheduler(optimizer, config, steps)
+    step, microbatch, resumed_from = 0, 0, None
+    if config.resume:
+        found = list_checkpoints(output_dir)
+        if found:
+            resumed_from, path = found[-1]
+            load_model_weights(task.model, path / "model")
+            state = load_checkpoint(path, optimizer, scheduler)
+            step, microbatch = state["step"], state["microbatch"]
+            print(f"resuming from {path} (step {step} of {steps})")
+        else:
+            print(f"no checkpoint in {output_dir}/checkpoints; starting from step 0")
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=resumed_from)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    accum = config.gradient_accumulation_steps
+    rows, bar = [], _progress(config, steps, step, desc)
+    task.model.train()
+    while step < steps:
+        started = time.perf_counter()
+        batches = [task.collate([task.train_examples[i] for i in order.indices(microbatch + k)])
+                   for k in range(accum)]
+        microbatch += accum
+        units = [float(task.units(b)) for b in batches]
+        normaliser = max(sum(units), 1.0)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for batch, weight in zip(batches, units):
+            loss, metrics = task.loss(task.model, batch, normaliser)
+            loss.backward()
+            loss_sum += loss.item()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
+        row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
+               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
+               "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
+        evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
+        if evaluating:
+            task.model.eval()
+            with torch.no_grad():
+                row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
+            task.model.train()
+        if evaluating or step % config.log_every == 0 or step == steps:
+            log.write(row)
+            rows.append(row)
+        if step == steps or (config.save_every and step % config.save_every == 0):
+            save_checkpoint(output_dir, step, task.save_model, optimizer, scheduler,
+                            {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
+    bar.close()
+    task.model.eval()
+    task.save_model(output_dir)
+    return rows

@@ -1,0 +1,48 @@
+"""AdamW with decay only on matrices, and a warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dict[str, float] | None = None):
+    """Split trainable parameters into groups: no weight decay for biases and norm weights (1-D tensors),
+    as in GPT-2/BERT practice; parameters whose name starts with a key of `lr_overrides` get that lr."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        decay = weight_decay if param.ndim >= 2 else 0.0
+        group_lr = lr
+        for prefix, override in (lr_overrides or {}).items():
+            if name.startswith(prefix):
+                group_lr = override
+        groups.setdefault((decay, group_lr), []).append(param)
+    return [{"params": ps, "weight_decay": d, "lr": glr} for (d, glr), ps in groups.items()]
+
+
+def build_optimizer(model, config, lr_overrides: dict[str, float] | None = None) -> torch.optim.AdamW:
+    groups = param_groups(model.named_parameters(), config.weight_decay, config.learning_rate, lr_overrides)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             eps=config.adam_eps, foreach=False)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then cosine/linear/none."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(round(config.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.lr_scheduler))

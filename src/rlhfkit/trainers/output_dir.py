@@ -1,0 +1,34 @@
+"""Choosing and preparing a stage's output folder (only after its inputs were validated, so that a bad
+input never leaves a half-made folder behind)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhfkit.config import to_yaml
+from rlhfkit.errors import UserError
+from rlhfkit.trainers.checkpoint import list_checkpoints
+
+
+def resolve_output_dir(config, stage: str) -> Path:
+    """The folder a stage writes to; refuses to silently mix a new run into an old run's checkpoints."""
+    out = Path(config.output_dir or f"runs/{stage}")
+    if getattr(config, "resume", False):
+        return out
+    if list_checkpoints(out):
+        raise UserError(f"{out}: already holds checkpoints of an earlier run; pass --resume to continue it "
+                        f"or choose another --output-dir")
+    return out
+
+
+def prepare_output_dir(out: Path, config) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(config))
+
+
+def save_hf_folder(model, tokenizer, folder: Path) -> None:
+    """A standard HF folder: config, safetensors weights, tokenizer, generation config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

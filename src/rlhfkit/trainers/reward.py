@@ -1,0 +1,107 @@
+"""Reward-model training: LM trunk + scalar head, Bradley-Terry loss on (chosen, rejected) pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import RewardConfig
+from rlhfkit.core.bradley_terry import bradley_terry_loss
+from rlhfkit.data.collate import collate_pairs
+from rlhfkit.data.tokenize import tokenize_preference
+from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.reward_model import load_reward_model, score_sequences
+from rlhfkit.trainers.loop import SupervisedTask, run_supervised
+from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.trainers.stage_data import train_eval_records
+
+
+def text_of(value) -> str:
+    """Plain text of a response given as a string or as a list of chat messages."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(message["content"] for message in value)
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected halves of a collated pair batch: (B,), (B,)."""
+    scores = score_sequences(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (2B,)
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def reward_loss(use_margin: bool):
+    def loss_fn(model, batch: dict, normaliser: float):
+        chosen, rejected = pair_scores(model, batch)
+        margin = batch.get("margin") if use_margin else None
+        loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin)
+        # bradley_terry_loss averages over this micro-batch's pairs; rescale so the micro-batches of one
+        # accumulation window add up to the mean over all of its pairs.
+        return loss * (chosen.shape[0] / normaliser), metrics
+
+    return loss_fn
+
+
+def evaluate_pairs(model, examples: list, collate, batch_size: int, gold_diffs: list[float] | None,
+                   max_batches: int = 0) -> dict:
+    """Held-out loss and accuracy; with gold score differences, agreement of the RM's order with gold's."""
+    diffs, losses = [], []
+    for n, start in enumerate(range(0, len(examples), batch_size)):
+        if max_batches and n >= max_batches:
+            break
+        chosen, rejected = pair_scores(model, collate(examples[start:start + batch_size]))
+        losses.append(bradley_terry_loss(chosen, rejected)[0].item() * chosen.shape[0])
+        diffs.extend((chosen - rejected).tolist())
+    d = torch.tensor(diffs)
+    metrics = {"loss": sum(losses) / max(len(diffs), 1),
+               "accuracy": ((d > 0).float() + 0.5 * (d == 0).float()).mean().item()}
+    if gold_diffs is not None:
+        gold = torch.tensor(gold_diffs[:len(diffs)])
+        decided = gold != 0
+        agree = (torch.sign(d[decided]) == torch.sign(gold[decided])).float()
+        metrics["gold_agreement"] = agree.mean().item() if agree.numel() else float("nan")
+    return metrics
+
+
+def run_reward(config: RewardConfig) -> Path:
+    out = resolve_output_dir(config, "reward")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    train_records, eval_records = train_eval_records(config, "preference")
+
+    def encode(records):
+        examples = []
+        for record in records:
+            example = tokenize_preference(tokenizer, record, config.max_prompt_length, config.max_length,
+                                          config.use_chat_template)
+            example["margin"] = float(record.get("margin") or 0.0)
+            examples.append(example)
+        return examples
+
+    train, evals = encode(train_records), encode(eval_records)
+    gold_diffs = None
+    if config.gold_scorer and eval_records:
+        from rlhfkit.annotate.gold import load_gold_scorer
+
+        scorer = load_gold_scorer(config.gold_scorer)
+        prompts = [text_of(r["prompt"]) for r in eval_records]
+        chosen = scorer(prompts, [text_of(r["chosen"]) for r in eval_records])
+        rejected = scorer(prompts, [text_of(r["rejected"]) for r in eval_records])
+        gold_diffs = [c - r for c, r in zip(chosen, rejected)]
+    model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+    prepare_output_dir(out, config)
+
+    def collate(batch):
+        collated = collate_pairs(batch, tokenizer.pad_token_id)
+        collated["margin"] = torch.tensor([example["margin"] for example in batch])
+        return collated
+
+    task = SupervisedTask(
+        model=model, train_examples=train, collate=collate, loss=reward_loss(config.use_margin),
+        units=lambda batch: batch["margin"].shape[0],
+        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        evaluate=(lambda: evaluate_pairs(model, evals, collate, config.batch_size, gold_diffs, config.eval_batches))
+        if evals else None,
+        lr_overrides={"score": config.learning_rate * config.head_lr_multiplier})
+    run_supervised(task, config, out, "reward")
+    return out

@@ -1,0 +1,71 @@
+"""Supervised fine-tuning: maximise log p(completion | prompt); prompt tokens carry no loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import SFTConfig
+from rlhfkit.core.logprobs import logprobs_from_logits, shift_for_causal_lm
+from rlhfkit.core.sft_loss import completion_nll_loss
+from rlhfkit.data.collate import collate_sft
+from rlhfkit.data.tokenize import tokenize_sft
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.trainers.loop import SupervisedTask, run_supervised
+from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.trainers.stage_data import train_eval_records
+
+
+def completion_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of each next token and the mask of those that are completion tokens: both (B, T-1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits  # (B, T, V)
+    logits, labels = shift_for_causal_lm(logits, batch["input_ids"])
+    return logprobs_from_logits(logits, labels), batch["loss_mask"][:, 1:]
+
+
+def sft_loss(model, batch: dict, normaliser: float):
+    logprobs, mask = completion_logprobs(model, batch)
+    return completion_nll_loss(logprobs, mask, num_tokens=normaliser)
+
+
+def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: int = 0) -> dict:
+    """Token-mean NLL of completions over held-out examples, and its perplexity."""
+    nll, tokens = 0.0, 0.0
+    for n, start in enumerate(range(0, len(examples), batch_size)):
+        if max_batches and n >= max_batches:
+            break
+        logprobs, mask = completion_logprobs(model, collate(examples[start:start + batch_size]))
+        nll -= torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum().item()
+        tokens += mask.sum().item()
+    mean = nll / max(tokens, 1.0)
+    return {"nll": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def run_sft(config: SFTConfig) -> Path:
+    """Train; write the model folder, config.yaml, metrics.jsonl and checkpoints under output_dir."""
+    out = resolve_output_dir(config, "sft")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    train_records, eval_records = train_eval_records(config, "sft")
+
+    def encode(records):
+        return [tokenize_sft(tokenizer, r, config.max_prompt_length, config.max_length, config.use_chat_template)
+                for r in records]
+
+    train, evals = encode(train_records), encode(eval_records)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
+    prepare_output_dir(out, config)
+
+    def collate(batch):
+        return collate_sft(batch, tokenizer.pad_token_id)
+
+    task = SupervisedTask(
+        model=model, train_examples=train, collate=collate, loss=sft_loss,
+        units=lambda batch: batch["loss_mask"][:, 1:].sum().item(),
+        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        evaluate=(lambda: evaluate_nll(model, evals, collate, config.batch_size, config.eval_batches))
+        if evals else None)
+    run_supervised(task, config, out, "sft")
+    return out
