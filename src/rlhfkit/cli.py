@@ -33,6 +33,14 @@ def _runner(stage: str):
     return run_annotate
 
 
+def quiet_transformers() -> None:
+    """Our own progress bar and messages are enough; transformers' per-load bars and notes are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
     """Pull out --config, --preset and --help; return the rest as overrides."""
     config_file = preset = None
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = build_config(stage, config_file, preset, parse_overrides(rest))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quiet_transformers()
         out = _runner(stage)(config)
     except UserError as exc:
         print(f"rlhfkit {stage}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,76 @@
+"""An interrupted run continued with --resume ends exactly where an uninterrupted one does."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.trainers import loop
+from rlhfkit.trainers.metrics_log import MetricsLog, read_metrics
+from rlhfkit.trainers.reward import run_reward
+from rlhfkit.trainers.sft import run_sft
+
+from .helpers import keyword_pairs, tiny_config, write_jsonl
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after_logging(monkeypatch, step):
+    """Make the run die right after it logs `step` (before that step's checkpoint, if any, is written)."""
+    real_write = MetricsLog.write
+
+    def write(self, row):
+        real_write(self, row)
+        if row["step"] == step:
+            raise Crash(step)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", write)
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
+
+
+STAGES = {
+    "sft": (run_sft, lambda tmp: write_jsonl(tmp / "d.jsonl", [{"prompt": f"Q{i}", "completion": f"A {i % 7}"}
+                                                                for i in range(20)])),
+    "reward": (run_reward, lambda tmp: write_jsonl(tmp / "d.jsonl", keyword_pairs(40, seed=5))),
+}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("crash_step", [4, 5])
+def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, stage, crash_step):
+    run, make_data = STAGES[stage]
+    data = make_data(tmp_path)
+    common = dict(data=data, max_steps=8, save_every=2, eval_every=3, batch_size=4, progress=False,
+                  gradient_accumulation_steps=2, warmup_ratio=0.25, keep_last_n=0)
+    run(tiny_config(stage, output_dir=tmp_path / "straight", **common))
+
+    with monkeypatch.context() as patch:
+        crash_after_logging(patch, crash_step)
+        with pytest.raises(Crash):
+            run(tiny_config(stage, output_dir=tmp_path / "crashed", **common))
+    # 20 examples / batch 4 / accumulation 2: step 3 ends mid-epoch 2, so resume restarts inside an epoch.
+    run(tiny_config(stage, output_dir=tmp_path / "crashed", resume=True, **common))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "crashed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert comparable(a) == comparable(b)
+
+
+def test_resume_without_checkpoints_starts_fresh_and_refuses_to_mix_runs(tmp_path):
+    from rlhfkit.errors import UserError
+
+    data = STAGES["sft"][1](tmp_path)
+    config = tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=2, progress=False, resume=True)
+    run_sft(config)
+    assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 2
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=2, progress=False))
