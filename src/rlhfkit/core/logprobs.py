@@ -9,7 +9,8 @@ the vocabulary, using
 
 and process the logits in chunks of whole sequences (or of rows of one sequence, for long ones) so that
 every temporary (the temperature-scaled copy, the float32 upcast, ``logsumexp``'s internal ``exp``) is
-at most one chunk big.
+at most one chunk big. (Under autograd each chunk's float32 upcast is kept for the backward pass, as any
+upcast would be; chunking bounds the forward temporaries, not the saved activations.)
 
 Half-precision logits (bf16/fp16) are upcast to float32 chunk by chunk and the result is float32:
 bf16 has 8 bits of mantissa, so a bf16 log-prob of -2.0 is only known to about 0.01, and PPO/GRPO

@@ -12,7 +12,8 @@ EMBEDDED_EVAL_FRACTION = 0.1
 
 
 def embedded_sft_split() -> tuple[list[dict], list[dict]]:
-    return split_records(load_chatterbot_sft(), EMBEDDED_EVAL_FRACTION, EMBEDDED_SPLIT_SEED)
+    return split_records(load_chatterbot_sft(), EMBEDDED_EVAL_FRACTION, EMBEDDED_SPLIT_SEED,
+                         key=lambda record: record["prompt"])
 
 
 def embedded_prompts(split: str) -> list[dict]:
@@ -43,7 +44,9 @@ def train_eval_records(config, kind: str) -> tuple[list[dict], list[dict]]:
         if config.eval_data is not None:
             train, evals = records, load_records(config.eval_data, kind)
         else:
-            train, evals = split_records(records, config.eval_fraction, config.seed)
+            # Records sharing a prompt stay together, so held-out prompts are really unseen.
+            train, evals = split_records(records, config.eval_fraction, config.seed,
+                                         key=lambda record: record.get("prompt", record.get("messages")))
     if config.max_samples > 0:
         train = train[:config.max_samples]
     return train, evals
