@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rlhfkit.errors import UserError
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(stage, config_file, preset, parse_overrides(rest))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         quiet_transformers()
+        started = time.perf_counter()
         out = _runner(stage)(config)
     except UserError as exc:
         print(f"rlhfkit {stage}: error: {exc}", file=sys.stderr)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlhfkit {stage}: interrupted", file=sys.stderr)
         return 130
-    print(f"rlhfkit {stage}: wrote {out}")
+    print(f"rlhfkit {stage}: wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
