@@ -17,21 +17,28 @@ stages:
   sft        supervised fine-tuning on prompt/completion data (default: the embedded chatterbot corpus)
   annotate   sample K responses per prompt and rank them with a simulated annotator -> preference pairs
   reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
+  ppo        fine-tune the policy with PPO against the reward model, KL-penalised to a reference
+  eval       sample on held-out prompts: gold and proxy reward, KL to the reference, win rate -> eval.json
 
 Every config field is a flag (--output-dir DIR, --data PATH, --model PATH, ...); `rlhfkit <stage> --help`
 lists them with their help. Precedence: defaults < --preset < --config < flags."""
 
 
+# stage -> (module, function). Imported lazily: `rlhfkit --help` should not pay for torch and transformers.
+RUNNERS = {
+    "sft": ("rlhfkit.trainers.sft", "run_sft"),
+    "annotate": ("rlhfkit.annotate.stage", "run_annotate"),
+    "reward": ("rlhfkit.trainers.reward", "run_reward"),
+    "ppo": ("rlhfkit.trainers.ppo", "run_ppo"),
+    "eval": ("rlhfkit.eval.evaluate", "run_eval"),
+}
+
+
 def _runner(stage: str):
-    # Imported lazily: `rlhfkit --help` should not pay for importing torch and transformers.
-    if stage == "sft":
-        from rlhfkit.trainers.sft import run_sft
-        return run_sft
-    if stage == "reward":
-        from rlhfkit.trainers.reward import run_reward
-        return run_reward
-    from rlhfkit.annotate.stage import run_annotate
-    return run_annotate
+    import importlib
+
+    module, function = RUNNERS[stage]
+    return getattr(importlib.import_module(module), function)
 
 
 def quiet_transformers() -> None:

@@ -113,7 +113,81 @@ class AnnotateConfig(RunConfig):
     progress: bool = opt(True, "Show a progress bar.")
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig}
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO (actor-critic) against a reward model, with a per-token KL penalty to a frozen reference."""
+
+    data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
+                           "the chatterbot corpus prompts (training split).")
+    reward_model: str | None = opt(None, "Reward-model folder (from `rlhfkit reward`); required.")
+    ref_model: str | None = opt(None, "Frozen reference policy for the KL penalty; default: --model.")
+    critic_init: str = opt("reward", "Initialise the critic from the reward model or from the policy's trunk "
+                           "(a fresh value head).", choices=("reward", "policy"))
+    max_steps: int = opt(100, "PPO iterations (each: one rollout batch, then ppo_epochs of updates).")
+    rollout_batch_size: int = opt(32, "Prompts sampled per iteration (one response each).")
+    mini_batch_size: int = opt(8, "Samples per optimizer step within an iteration.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per mini-batch (micro = mini / accumulation).")
+    ppo_epochs: int = opt(2, "Passes over each rollout batch.")
+    max_new_tokens: int = opt(48, "Most tokens generated per response.")
+    temperature: float = opt(1.0, "Sampling temperature; the same temperature scores the log-probs.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; anything else makes the PPO ratio approximate).")
+    learning_rate: float = opt(3e-6, "Policy learning rate (AdamW).")
+    critic_learning_rate: float = opt(1e-5, "Critic learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = opt("constant", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.0, "Share of the optimizer steps spent warming the learning rate up.")
+    max_grad_norm: float = opt(1.0, "Clip each model's gradient norm to this (0: no clipping).")
+    kl_coef: float = opt(0.05, "beta in r_t = -beta * KL_t (+ RM score at the last token).")
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward.", choices=("k1", "k2", "k3", "abs"))
+    adaptive_kl: bool = opt(False, "Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = opt(6.0, "Target summed KL per response (nats) for the adaptive controller.")
+    kl_horizon: int = opt(10000, "Horizon (in samples) of the adaptive KL controller.")
+    gamma: float = opt(1.0, "Discount factor in GAE.")
+    lam: float = opt(0.95, "GAE lambda.")
+    clip_eps: float = opt(0.2, "PPO ratio clip epsilon.")
+    clip_eps_low: float | None = opt(None, "Lower clip epsilon (default: clip_eps).")
+    clip_eps_high: float | None = opt(None, "Upper clip epsilon (default: clip_eps; larger = 'clip-higher').")
+    dual_clip: float | None = opt(None, "Dual-clip constant c > 1 bounding the loss for negative advantages.")
+    value_clip: float | None = opt(0.2, "Clip range of the value update around the old values (null: off).")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
+    whiten_advantages: bool = opt(True, "Normalise advantages over the rollout batch's real tokens.")
+    missing_eos_penalty: float | None = opt(None, "Subtracted from the RM score of responses that hit "
+                                            "max_new_tokens without EOS (null: no penalty).")
+    reward_clip: float | None = opt(None, "Clip RM scores to [-c, c] (null: off).")
+    reward_scale: float = opt(1.0, "Multiply RM scores by this before adding them.")
+    gold_scorer: str | None = opt(None, "Also log a gold score of the samples ('vader' or 'module:function'): "
+                                  "what the RM stands in for; never used for training.")
+    sample_every: int = opt(10, "Log a table of sample generations every N iterations (0: never).")
+    log_every: int = opt(1, "Write a metrics.jsonl row every N iterations.")
+    save_every: int = opt(50, "Checkpoint every N iterations (0: only at the end).")
+    keep_last_n: int = opt(2, "Checkpoints kept (0: keep all).")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """Sample responses from a policy on held-out prompts; score them (gold, reward model), measure KL to a
+    reference and the gold-judged win rate against the reference's own samples."""
+
+    data: str | None = opt(None, "Prompt file; default: the held-out split of the chatterbot corpus prompts.")
+    ref_model: str | None = opt(None, "Reference policy for KL and win rate (usually the SFT model); "
+                                "default: --model itself.")
+    reward_model: str | None = opt(None, "Reward-model folder for the proxy reward (optional).")
+    gold_scorer: str = opt("vader", "Gold scorer: 'vader' or 'module:function' (prompts, responses) -> floats.")
+    num_prompts: int = opt(0, "Prompts evaluated (0: all).")
+    samples_per_prompt: int = opt(2, "Responses sampled per prompt; intervals are computed over prompts.")
+    max_new_tokens: int = opt(48, "Most tokens generated per response.")
+    temperature: float = opt(1.0, "Sampling temperature (KL is measured at this temperature too).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off).")
+    batch_size: int = opt(32, "Sequences per generation / scoring batch.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig, "ppo": PPOConfig, "eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +337,7 @@ def build_config(stage: str, config_file: str | None = None, preset: str | None 
 def validate(config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
-                "responses_per_prompt", "max_new_tokens")
+                "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
@@ -285,6 +359,15 @@ def validate(config) -> None:
         raise ConfigError("key 'num_epochs': must be > 0 when max_steps is 0")
     if hasattr(config, "responses_per_prompt") and config.responses_per_prompt < 2:
         raise ConfigError(f"key 'responses_per_prompt': must be >= 2, got {config.responses_per_prompt}")
+    if hasattr(config, "rollout_batch_size"):
+        if config.rollout_batch_size % config.mini_batch_size:
+            raise ConfigError(f"key 'mini_batch_size': must divide rollout_batch_size ({config.rollout_batch_size}), "
+                              f"got {config.mini_batch_size}")
+        if config.mini_batch_size % config.gradient_accumulation_steps:
+            raise ConfigError(f"key 'gradient_accumulation_steps': must divide mini_batch_size "
+                              f"({config.mini_batch_size}), got {config.gradient_accumulation_steps}")
+        if config.dual_clip is not None and config.dual_clip <= 1:
+            raise ConfigError(f"key 'dual_clip': must be > 1, got {config.dual_clip}")
     if hasattr(config, "temperature") and config.temperature <= 0:
         raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
 

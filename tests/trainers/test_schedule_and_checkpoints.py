@@ -45,7 +45,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
         (folder / "weights.bin").write_bytes(b"x")
 
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, step, save_model, optimizer, scheduler, {"microbatch": step}, keep_last_n=2)
+        save_checkpoint(tmp_path, step, save_model, {"optimizer": optimizer, "scheduler": scheduler},
+                        {"microbatch": step}, keep_last_n=2)
     # A write that died half-way leaves only a temporary folder, which is never taken for a checkpoint.
     (tmp_path / "checkpoints" / ".tmp-step-8").mkdir()
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 6]

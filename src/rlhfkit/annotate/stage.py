@@ -15,20 +15,13 @@ from rlhfkit.annotate.gold import load_gold_scorer
 from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.config import AnnotateConfig
 from rlhfkit.data.loading import load_records
+from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
 from rlhfkit.trainers.stage_data import embedded_prompts
-
-
-def prompt_text(prompt) -> str:
-    """What a gold scorer sees of a prompt: the text, or the last user turn of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

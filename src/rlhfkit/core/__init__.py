@@ -5,19 +5,51 @@ a model, does I/O or talks to other processes.
 """
 
 from .bradley_terry import bradley_terry_loss, pairwise_accuracy
+from .gae import gae_advantages, whiten_advantages
+from .kl import KL_ESTIMATORS, kl_penalty
+from .kl_controller import (
+    KL_CONTROLLERS,
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    build_kl_controller,
+)
 from .logprobs import entropy_from_logits, logprobs_from_logits, shift_for_causal_lm
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .ppo_loss import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    explained_variance,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from .reward_shaping import shape_rewards
 from .sft_loss import completion_nll_loss
 
 __all__ = [
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLController",
+    "aggregate_loss",
     "bradley_terry_loss",
+    "build_kl_controller",
     "completion_nll_loss",
     "entropy_from_logits",
+    "explained_variance",
+    "gae_advantages",
+    "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "pairwise_accuracy",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "shape_rewards",
     "shift_for_causal_lm",
+    "whiten_advantages",
 ]

@@ -65,9 +65,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], None], optimizer, scheduler,
+def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], None], stateful: dict,
                     trainer_state: dict, keep_last_n: int = 0) -> Path:
-    """Write checkpoint `step-{step}` atomically and prune old ones beyond `keep_last_n` (0 keeps all)."""
+    """Write checkpoint `step-{step}` atomically and prune old ones beyond `keep_last_n` (0 keeps all).
+
+    `stateful` maps a name to anything with `state_dict()` (optimizers, schedulers, KL controllers); each
+    is saved as `name.pt` and restored by `load_checkpoint` with the same names.
+    """
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -75,8 +79,8 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for name, obj in stateful.items():
+        torch.save(obj.state_dict(), tmp / f"{name}.pt")
     torch.save(torch.get_rng_state(), tmp / "rng_torch.pt")
     state = dict(trainer_state, step=step, rng=rng_state())
     (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -93,13 +97,13 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     return final
 
 
-def load_checkpoint(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from a checkpoint folder; return its trainer state.
+def load_checkpoint(path: Path, stateful: dict) -> dict:
+    """Restore each named object's state and the RNG from a checkpoint folder; return its trainer state.
     The model weights are loaded by the caller (it knows the model class) from `path / 'model'`."""
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        for name, obj in stateful.items():
+            obj.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
         set_rng_state(state["rng"], torch.load(path / "rng_torch.pt", weights_only=True))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot resume from this checkpoint: {exc}") from exc

@@ -41,9 +41,10 @@ class BatchOrder:
     """Micro-batch number i -> example indices. Epoch e uses its own seeded permutation, so the order is a
     pure function of (seed, i): resuming at micro-batch i needs nothing but i."""
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int):
+    def __init__(self, n_examples: int, batch_size: int, seed: int, drop_last: bool = False):
         self.n, self.batch_size, self.seed = n_examples, batch_size, seed
-        self.per_epoch = math.ceil(n_examples / batch_size)
+        # drop_last: every batch is full (RL wants a fixed rollout size); the tail of an epoch is skipped.
+        self.per_epoch = max(1, n_examples // batch_size) if drop_last else math.ceil(n_examples / batch_size)
         self._epoch, self._perm = -1, None
 
     def indices(self, microbatch: int) -> list[int]:
@@ -82,7 +83,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
         if found:
             resumed_from, path = found[-1]
             load_model_weights(task.model, path / "model")
-            state = load_checkpoint(path, optimizer, scheduler)
+            state = load_checkpoint(path, {"optimizer": optimizer, "scheduler": scheduler})
             step, microbatch = state["step"], state["microbatch"]
             print(f"resuming from {path} (step {step} of {steps})")
         else:
@@ -128,7 +129,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             log.write(row)
             rows.append(row)
         if step == steps or (config.save_every and step % config.save_every == 0):
-            save_checkpoint(output_dir, step, task.save_model, optimizer, scheduler,
+            save_checkpoint(output_dir, step, task.save_model, {"optimizer": optimizer, "scheduler": scheduler},
                             {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")

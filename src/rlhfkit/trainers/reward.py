@@ -9,19 +9,13 @@ import torch
 from rlhfkit.config import RewardConfig
 from rlhfkit.core.bradley_terry import bradley_terry_loss
 from rlhfkit.data.collate import collate_pairs
+from rlhfkit.data.text import prompt_text, response_text
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
-
-
-def text_of(value) -> str:
-    """Plain text of a response given as a string or as a list of chat messages."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(message["content"] for message in value)
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +78,9 @@ def run_reward(config: RewardConfig) -> Path:
         from rlhfkit.annotate.gold import load_gold_scorer
 
         scorer = load_gold_scorer(config.gold_scorer)
-        prompts = [text_of(r["prompt"]) for r in eval_records]
-        chosen = scorer(prompts, [text_of(r["chosen"]) for r in eval_records])
-        rejected = scorer(prompts, [text_of(r["rejected"]) for r in eval_records])
+        prompts = [prompt_text(r["prompt"]) for r in eval_records]
+        chosen = scorer(prompts, [response_text(r["chosen"]) for r in eval_records])
+        rejected = scorer(prompts, [response_text(r["rejected"]) for r in eval_records])
         gold_diffs = [c - r for c, r in zip(chosen, rejected)]
     model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
     prepare_output_dir(out, config)

@@ -1,0 +1,259 @@
+"""PPO losses: the clipped policy surrogate, the clipped value loss, and explained variance.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7. With the importance ratio
+``rho_t = pi(a_t | s_t) / pi_old(a_t | s_t)`` of the token sampled under the rollout policy ``pi_old``,
+PPO maximises ``min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)``; as a loss to minimise:
+
+    loss_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high)).
+
+``eps_low != eps_high`` is DAPO's "clip-higher" (Yu et al. 2025, "DAPO: An Open-Source LLM
+Reinforcement Learning System at Scale"): a larger ``eps_high`` lets unlikely tokens with positive
+advantage grow faster, against entropy collapse. Dual clip (Ye et al. 2020, "Mastering Complex Control
+in MOBA Games with Deep Reinforcement Learning", eq. 5) also bounds the loss for ``A_t < 0``, where the
+max above is unbounded in ``rho_t``:
+
+    loss_t = min(loss_t, -A_t * c)   for A_t < 0, with c > 1.
+
+The per-token losses are reduced to a scalar by one of :data:`LOSS_AGGREGATIONS` (shared with GRPO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .kl import kl_penalty
+from .masked import masked_mean, masked_sum, masked_var
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "explained_variance",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+]
+
+# exp(20) is about 5e8: far beyond any clip range, and far from float32 overflow (exp(89) = inf), whose
+# inf * 0 in the backward pass of an unselected branch would turn every gradient into NaN (verl clamps
+# the same way).
+_MAX_LOG_RATIO = 20.0
+
+
+# Loss aggregation ---------------------------------------------------------------------------------------
+#
+# Each takes per-token losses ``(B, T)`` and a bool ``keep`` ``(B, T)`` and returns a 0-dim loss. They
+# differ in how much weight a token gets: token-mean weights every real token of the batch equally (long
+# responses count more; DAPO's choice); seq-mean-token-mean weights every response equally, so a token
+# of a short response counts more (the original GRPO); seq-mean-token-sum weights every response by its
+# length, summing rather than averaging inside a response. Rows without real tokens are not responses:
+# the seq-mean variants average over rows with at least one real token (0 if there are none).
+
+
+def _token_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return masked_mean(losses, keep)
+
+
+def _nonempty_row_mean(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return masked_mean(per_row, keep.any(dim=1))
+
+
+def _seq_mean_token_sum(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return _nonempty_row_mean(masked_sum(losses, keep, dim=1), keep)
+
+
+def _seq_mean_token_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return _nonempty_row_mean(masked_mean(losses, keep, dim=1), keep)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token-mean": _token_mean,
+    "seq-mean-token-sum": _seq_mean_token_sum,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+}
+
+
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+    """Reduce per-token losses ``(B, T)`` over the real tokens (``mask`` nonzero) to a 0-dim loss.
+
+    ``aggregation`` is a key of :data:`LOSS_AGGREGATIONS`: ``"token-mean"`` (mean over all real tokens),
+    ``"seq-mean-token-sum"`` (sum within each response, mean over responses) or ``"seq-mean-token-mean"``
+    (mean within each response, mean over responses). Entries where ``mask`` is 0 may be NaN/inf.
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    if losses.dim() != 2 or losses.shape != mask.shape:
+        raise ValueError(f"losses {tuple(losses.shape)} and mask {tuple(mask.shape)} must be the same (B, T)")
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    return LOSS_AGGREGATIONS[aggregation](losses, keep)
+
+
+# Losses -------------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"expected equal (B, T) shapes, got {shapes}")
+
+
+def _cleaner(keep: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Replaces entries where ``keep`` is False by 0, so garbage never reaches a forward or backward op."""
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    return lambda x: torch.where(keep, x, zero)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_low: float | None = None,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO surrogate loss (optionally clip-higher and dual-clip).
+
+    Args:
+        logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (with grad).
+        old_logprobs: ``(B, T)`` log-probs of the same tokens under the rollout policy (no grad).
+        advantages: ``(B, T)`` advantages, usually whitened GAE (no grad).
+        mask: ``(B, T)`` bool or numeric, nonzero on real response tokens; all three tensors may hold
+            NaN/inf elsewhere, which changes neither the loss nor the gradient.
+        clip_eps: default for both clip bounds.
+        clip_eps_low: ratio lower bound is ``1 - clip_eps_low``; ``None`` means ``clip_eps``.
+        clip_eps_high: ratio upper bound is ``1 + clip_eps_high``; ``None`` means ``clip_eps``.
+        dual_clip: ``c > 1`` bounding the loss of negative-advantage tokens by ``-A * c``; ``None`` off.
+        aggregation: a key of :data:`LOSS_AGGREGATIONS`.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` a 0-dim tensor. ``metrics`` holds detached 0-dim tensors, each a
+        mean over real tokens: ``ppo/clipfrac`` (the clipped branch was strictly larger, so the token
+        has zero gradient), ``ppo/dual_clipfrac`` (the dual clip was active; 0 when off),
+        ``ppo/approx_kl`` (the k3 estimate ``(rho - 1) - log rho`` of ``KL(pi_old || pi)``: the tokens
+        are samples of ``pi_old``, k3 is unbiased and non-negative, and has lower variance than TRL's
+        k2 ``0.5 * log(rho)^2``, which is biased), ``ppo/ratio_mean`` and ``ppo/policy_loss`` (the
+        loss).
+
+    The log ratio is clamped to ``[-20, 20]`` before the ``exp`` so an extreme ratio cannot overflow to
+    inf and poison the backward pass with NaN; such a token is clipped anyway (or, with ``A < 0`` and no
+    dual clip, its gradient is cut to 0 at ``rho = e^20``).
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    eps_low = clip_eps if clip_eps_low is None else clip_eps_low
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0 <= eps_low <= 1 and eps_high >= 0):
+        raise ValueError(f"need 0 <= clip_eps_low <= 1 and clip_eps_high >= 0, got {eps_low}, {eps_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (it bounds the loss at -A * dual_clip), got {dual_clip}")
+
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    dtype = torch.promote_types(torch.promote_types(logprobs.dtype, old_logprobs.dtype), advantages.dtype)
+    clean = _cleaner(keep, dtype)
+    logprobs, old_logprobs, advantages = clean(logprobs), clean(old_logprobs), clean(advantages)
+
+    log_ratio = (logprobs - old_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1 - eps_low, 1 + eps_high)
+    token_losses = torch.maximum(pg_unclipped, pg_clipped)
+    dual_active = torch.zeros_like(keep)
+    if dual_clip is not None:
+        dual_bound = -advantages * dual_clip
+        dual_active = (advantages < 0) & (dual_bound < token_losses)
+        token_losses = torch.where(dual_active, dual_bound, token_losses)
+    loss = aggregate_loss(token_losses, keep, aggregation)
+
+    with torch.no_grad():
+        metrics = {
+            "ppo/clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), keep),
+            "ppo/dual_clipfrac": masked_mean(dual_active.to(dtype), keep),
+            "ppo/approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), keep),
+            "ppo/ratio_mean": masked_mean(ratio, keep),
+            "ppo/policy_loss": loss,
+        }
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float | None = 0.2,
+    aggregation: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss of PPO2 (OpenAI baselines), as in TRL and OpenRLHF.
+
+    ``V_clip = V_old + clip(V - V_old, -c, c)``; ``loss = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))``.
+    Taking the max makes the clip pessimistic: a value moving more than ``c`` from ``V_old`` gets no
+    gradient when that move reduces the error, and the full gradient when it increases it.
+
+    Args:
+        values: ``(B, T)`` current value predictions (with grad).
+        old_values: ``(B, T)`` value predictions at rollout time (no grad).
+        returns: ``(B, T)`` value targets, e.g. from :func:`rlhfkit.core.gae.gae_advantages`.
+        mask: ``(B, T)`` bool or numeric, nonzero on real response tokens; NaN/inf elsewhere is ignored.
+        clip_range_value: ``c >= 0``; ``None`` disables clipping (plain ``0.5 * MSE``).
+        aggregation: a key of :data:`LOSS_AGGREGATIONS` (``"token-mean"`` is the formula above).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` a 0-dim tensor; ``metrics`` holds detached 0-dim tensors
+        ``ppo/value_clipfrac`` (fraction of real tokens where the clipped error was strictly larger),
+        ``loss/value`` (the loss) and ``ppo/value_mean`` (mean of ``values`` over real tokens).
+    """
+    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    if clip_range_value is not None and not clip_range_value >= 0:
+        raise ValueError(f"clip_range_value must be >= 0 or None, got {clip_range_value}")
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    dtype = torch.promote_types(torch.promote_types(values.dtype, old_values.dtype), returns.dtype)
+    clean = _cleaner(keep, dtype)
+    values, old_values, returns = clean(values), clean(old_values), clean(returns)
+
+    vf_unclipped = (values - returns).square()
+    if clip_range_value is None:
+        token_losses, clipped = vf_unclipped, torch.zeros_like(keep)
+    else:
+        values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+        vf_clipped = (values_clipped - returns).square()
+        token_losses, clipped = torch.maximum(vf_unclipped, vf_clipped), vf_clipped > vf_unclipped
+    loss = 0.5 * aggregate_loss(token_losses, keep, aggregation)
+
+    with torch.no_grad():
+        metrics = {
+            "ppo/value_clipfrac": masked_mean(clipped.to(dtype), keep),
+            "loss/value": loss,
+            "ppo/value_mean": masked_mean(values, keep),
+        }
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much of the variance of the returns the value function explains, over real tokens.
+
+    ``1 - Var[R - V] / Var[R]``: 1 for a perfect value function, 0 for one no better than the mean
+    return, negative for a worse one. When ``Var[R] = 0`` (a constant target, e.g. one real token or
+    identical returns) the ratio is undefined; this returns 0 there instead of TRL's NaN/inf, so a
+    logged curve or an average of this metric is never poisoned by one degenerate batch.
+
+    Args:
+        values: ``(B, T)`` value predictions.
+        returns: ``(B, T)`` value targets.
+        mask: ``(B, T)`` bool or numeric, nonzero on real tokens; NaN/inf elsewhere is ignored.
+
+    Returns:
+        Detached 0-dim tensor.
+    """
+    _check_same_shape(values=values, returns=returns, mask=mask)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    with torch.no_grad():
+        clean = _cleaner(keep, torch.promote_types(values.dtype, returns.dtype))
+        values, returns = clean(values), clean(returns)
+        # Biased variances: the Bessel factors of the two cancel in the ratio anyway.
+        var_returns = masked_var(returns, keep, unbiased=False)
+        var_residual = masked_var(returns - values, keep, unbiased=False)
+        safe_var = torch.where(var_returns > 0, var_returns, torch.ones_like(var_returns))
+        explained = torch.where(var_returns > 0, 1 - var_residual / safe_var, torch.zeros_like(var_returns))
+    return explained.detach()

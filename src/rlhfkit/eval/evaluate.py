@@ -1,0 +1,118 @@
+"""`rlhfkit eval`: how good is a policy, by the gold scorer and the reward model, and how far has it moved?
+
+For every prompt, `samples_per_prompt` responses are sampled from the policy and as many from the reference.
+Reported, each as a mean with a 95% interval computed over prompts (samples of one prompt are correlated):
+- gold_reward: the gold scorer's score of the policy's responses;
+- proxy_reward: the reward model's score (when a reward model is given);
+- kl_to_reference: sum over response tokens of log pi(y_t) - log pi_ref(y_t), for y ~ pi: an unbiased
+  estimate of the sequence-level KL(pi || pi_ref) in nats;
+- win_rate_vs_reference: policy sample i against reference sample i of the same prompt, judged by the gold
+  scorer, ties counting one half;
+- response_length: response tokens (EOS included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhfkit.annotate.gold import load_gold_scorer
+from rlhfkit.config import EvalConfig
+from rlhfkit.core.stats import mean_ci95, win_rate
+from rlhfkit.data.loading import load_records
+from rlhfkit.data.text import prompt_text
+from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.reward_model import load_reward_model
+from rlhfkit.rollout.batch import build_rollout_batch
+from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
+from rlhfkit.trainers.checkpoint import seed_everything
+from rlhfkit.trainers.output_dir import prepare_output_dir
+from rlhfkit.trainers.stage_data import embedded_prompts
+
+
+@torch.no_grad()
+def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalConfig, reward: RewardScorer | None):
+    """Samples of `policy` with their KL to `ref` and proxy scores, in batches."""
+    out = {"texts": [], "kl": [], "proxy": [], "length": [], "ended": []}
+    for start in range(0, len(prompt_ids), config.batch_size):
+        ids, recs = prompt_ids[start:start + config.batch_size], records[start:start + config.batch_size]
+        samples = sample_responses(policy, tokenizer, ids, config.max_new_tokens, config.temperature,
+                                   config.top_p, batch_size=len(ids))
+        batch = build_rollout_batch(ids, [s.response_ids for s in samples], [s.ended for s in samples],
+                                    tokenizer.pad_token_id)
+        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        mask = batch.response_mask
+        logp, _ = response_logprobs(policy, batch, config.temperature)
+        logq, _ = response_logprobs(ref, batch, config.temperature) if ref is not policy else (logp, None)
+        out["kl"] += torch.where(mask.bool(), logp - logq, torch.zeros_like(logp)).sum(1).tolist()
+        out["length"] += mask.sum(1).tolist()
+        out["ended"] += batch.ended.tolist()
+        out["texts"] += texts
+        if reward is not None:
+            out["proxy"] += reward(batch, [r["prompt"] for r in recs], texts).tolist()
+    return out
+
+
+def _per_prompt(values: list[float], k: int) -> torch.Tensor:
+    """Average the k consecutive samples of each prompt: (N * k,) -> (N,)."""
+    return torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)
+
+
+def run_eval(config: EvalConfig) -> Path:
+    out = Path(config.output_dir or "runs/eval")
+    records = load_records(config.data, "prompt") if config.data else embedded_prompts("eval")
+    if config.num_prompts > 0:
+        records = records[:config.num_prompts]
+    gold = load_gold_scorer(config.gold_scorer)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code).eval()
+    ref = policy if not config.ref_model or config.ref_model == config.model else \
+        load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code).eval()
+    reward = None
+    if config.reward_model:
+        rm_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
+        rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+        reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
+    prepare_output_dir(out, config)
+    seed_everything(config.seed)
+
+    k = config.samples_per_prompt
+    repeated = [r for r in records for _ in range(k)]
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
+                  for r in repeated]
+    ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
+    # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5).
+    theirs = _sample_and_score(ref, ref, tokenizer, repeated, prompt_ids, config, None)
+    prompts = [prompt_text(r["prompt"]) for r in repeated]
+    gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])
+
+    metrics = {"gold_reward": _per_prompt(gold_ours, k), "kl_to_reference": _per_prompt(ours["kl"], k),
+               "win_rate_vs_reference": _per_prompt(win_rate(torch.tensor(gold_ours), torch.tensor(gold_theirs)).tolist(), k),
+               "response_length": _per_prompt(ours["length"], k),
+               "ended_with_eos": _per_prompt([float(e) for e in ours["ended"]], k),
+               "reference_gold_reward": _per_prompt(gold_theirs, k)}
+    if reward is not None:
+        metrics["proxy_reward"] = _per_prompt(ours["proxy"], k)
+    result = {"model": str(config.model), "ref_model": str(config.ref_model or config.model),
+              "reward_model": config.reward_model, "gold_scorer": config.gold_scorer,
+              "n": len(repeated), "n_prompts": len(records), "samples_per_prompt": k}
+    for name, values in metrics.items():
+        stats = mean_ci95(values)
+        result[f"{name}_mean"] = stats["mean"]
+        result[f"{name}_ci95"] = stats["ci95"]
+        result[f"{name}_std"] = stats["std"]
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
+        for i, record in enumerate(repeated):
+            row = {"prompt": record["prompt"], "response": ours["texts"][i], "gold": gold_ours[i],
+                   "kl": ours["kl"][i], "reference_response": theirs["texts"][i],
+                   "reference_gold": gold_theirs[i]}
+            if reward is not None:
+                row["proxy"] = ours["proxy"][i]
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("_mean") or k == "n"}))
+    return out

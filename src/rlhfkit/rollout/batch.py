@@ -1,0 +1,62 @@
+"""A batch of (prompt, response) sequences laid out for scoring and PPO updates.
+
+Layout: each row is the prompt LEFT-padded to width P, then the response RIGHT-padded to width R:
+
+    [pad pad p1 p2 p3 | r1 r2 EOS pad pad]
+     <----- P ------>   <------ R ------>
+
+so every response starts at column P. The logits at columns P-1 .. P+R-2 predict the response tokens,
+and per-token tensors (log-probs, values, rewards, advantages) are (B, R), aligned with `response_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.core.positions import position_ids_from_mask
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor       # (B, P + R) long
+    attention_mask: torch.Tensor  # (B, P + R) long, 1 on real prompt and response tokens
+    position_ids: torch.Tensor    # (B, P + R) long, counted over real tokens
+    response_mask: torch.Tensor   # (B, R) float, 1 on response tokens (EOS included)
+    ended: torch.Tensor           # (B,) bool, the response finished with EOS
+    prompt_width: int             # P
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """(B, R) response token ids (pads after the end)."""
+        return self.input_ids[:, self.prompt_width:]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
+        """The sub-batch of the given rows (same P and R, so tensors stay aligned)."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return RolloutBatch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+                            self.response_mask[index], self.ended[index], self.prompt_width)
+
+
+def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], ended: list[bool],
+                        pad_id: int) -> RolloutBatch:
+    """Lay out B prompts (left-padded) and their responses (right-padded) as one batch."""
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, P - len(prompt):P] = 1
+        if response:
+            input_ids[row, P:P + len(response)] = torch.tensor(response, dtype=torch.long)
+            attention_mask[row, P:P + len(response)] = 1
+    return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask),
+                        response_mask=attention_mask[:, P:].float(), ended=torch.tensor(ended, dtype=torch.bool),
+                        prompt_width=P)

@@ -1,0 +1,79 @@
+"""Scoring a rollout: response log-probs (policy, reference), critic values and reward-model scores.
+
+All per-token outputs are (B, R), aligned with `RolloutBatch.response_mask` (see rollout/batch.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhfkit.data.collate import left_pad
+from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.models.reward_model import score_sequences
+from rlhfkit.rollout.batch import RolloutBatch
+
+
+def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
+    """Logits that predict each response token: (B, R, V). Only the last R + 1 positions go through the
+    LM head (`logits_to_keep`), which spares a (B, P, V) tensor of prompt logits nobody needs."""
+    R = batch.response_mask.shape[1]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1]  # positions P-1 .. P+R-2
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(r_t | prompt, r_<t) at the sampling temperature: (B, R); and the entropy (B, R) if asked.
+    Scoring must use the temperature the samples were drawn at, or the PPO ratio compares different
+    distributions."""
+    logits = response_logits(model, batch)
+    logprobs = logprobs_from_logits(logits, batch.responses, temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach(), temperature)
+    return logprobs, entropy
+
+
+def response_values(critic, batch: RolloutBatch) -> torch.Tensor:
+    """V(s_t) for each response token, read from the state before the token is chosen: (B, R)."""
+    P, R = batch.prompt_width, batch.response_mask.shape[1]
+    hidden = critic.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return critic.score(hidden[:, P - 1:P + R - 1]).squeeze(-1).float()  # (B, R)
+
+
+def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
+    return tokenizer_a is tokenizer_b or (
+        len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+        and getattr(tokenizer_a, "chat_template", None) == getattr(tokenizer_b, "chat_template", None))
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs with a reward model.
+
+    When the reward model shares the policy's tokenizer and chat template, the rollout's token ids are
+    scored as they are. Otherwise the decoded text is re-tokenised with the reward model's own tokenizer
+    (prompt rendered with its chat template, response followed by its EOS), as a reward model expects.
+    """
+
+    def __init__(self, model, tokenizer, policy_tokenizer, max_prompt_length: int, use_chat_template: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.reuse_ids = same_vocabulary(tokenizer, policy_tokenizer)
+        self.max_prompt_length, self.use_chat_template = max_prompt_length, use_chat_template
+
+    @torch.no_grad()
+    def __call__(self, batch: RolloutBatch, prompts: list, response_texts: list[str]) -> torch.Tensor:
+        """(B,) scores; `prompts` are the prompt records' text/messages, used only when re-tokenising."""
+        if self.reuse_ids:
+            return score_sequences(self.model, batch.input_ids, batch.attention_mask, batch.position_ids)
+        sequences = []
+        for prompt, text, ended in zip(prompts, response_texts, batch.ended.tolist()):
+            ids = tokenize_prompt(self.tokenizer, prompt, self.max_prompt_length, self.use_chat_template)
+            ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            # Only a finished response gets an end-of-turn: the reward model must see truncation as such.
+            sequences.append(ids + [self.tokenizer.eos_token_id] if ended else ids)
+        padded = left_pad(sequences, self.tokenizer.pad_token_id)
+        return score_sequences(self.model, padded["input_ids"], padded["attention_mask"], padded["position_ids"])

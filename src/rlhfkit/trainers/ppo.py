@@ -1,0 +1,187 @@
+"""PPO for language models (actor-critic), as in Ziegler et al. 2019, Stiennon et al. 2020, Ouyang et al. 2022.
+
+One iteration reads top to bottom:
+  1. rollout  - sample one response per prompt from the policy (KV cache, left-padded prompts);
+  2. score    - log-probs under the policy and the frozen reference, critic values, reward-model scores;
+  3. shape    - per-token reward -kl_coef * KL_t, plus the RM score at the last response token;
+  4. GAE      - advantages and returns, advantages whitened over the batch;
+  5. update   - ppo_epochs x mini-batches: clipped policy loss and clipped value loss;
+  6. log      - metrics.jsonl, sample table, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.core.gae import gae_advantages, whiten_advantages
+from rlhfkit.core.kl import kl_penalty
+from rlhfkit.core.kl_controller import build_kl_controller
+from rlhfkit.core.masked import masked_mean
+from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value_loss
+from rlhfkit.core.reward_shaping import shape_rewards
+from rlhfkit.rollout.batch import build_rollout_batch
+from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
+from rlhfkit.trainers.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights,
+                                         save_checkpoint, seed_everything)
+from rlhfkit.trainers.loop import BatchOrder
+from rlhfkit.trainers.metrics_log import MetricsLog
+from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models, load_prompts_for
+from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
+
+
+@torch.no_grad()
+def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[list[int]], config: PPOConfig):
+    """Steps 1-2: sample, then score with every model. Returns the batch, texts, tensors and timings."""
+    started = time.perf_counter()
+    samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
+                               config.temperature, config.top_p, batch_size=len(prompt_ids))
+    batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                [s.ended for s in samples], models.tokenizer.pad_token_id)
+    texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    generated = time.perf_counter()
+    models.policy.eval()
+    logprobs, _ = response_logprobs(models.policy, batch, config.temperature)  # (B, R)
+    ref_logprobs, _ = response_logprobs(models.ref, batch, config.temperature)  # (B, R)
+    values = response_values(models.critic, batch)  # (B, R)
+    scores = models.reward(batch, [r["prompt"] for r in records], texts)  # (B,)
+    scored = time.perf_counter()
+    tensors = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
+    return batch, texts, tensors, {"time/rollout_s": generated - started, "time/score_s": scored - generated}
+
+
+def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages, returns, config: PPOConfig,
+               generator: torch.Generator) -> dict:
+    """Step 5: ppo_epochs passes of shuffled mini-batches; each mini-batch is one optimizer step per model.
+
+    Losses are normalised by the mini-batch's token count (not per micro-batch), so gradient accumulation
+    gives the same step as one forward over the whole mini-batch.
+    """
+    B = len(batch)
+    micro = config.mini_batch_size // config.gradient_accumulation_steps
+    sums: dict[str, float] = {}
+    n_updates = 0
+    models.policy.train()
+    models.critic.train()
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, config.mini_batch_size):
+            rows = order[start:start + config.mini_batch_size]
+            tokens = batch.response_mask[rows].sum().clamp(min=1.0)
+            for micro_start in range(0, len(rows), micro):
+                idx = rows[micro_start:micro_start + micro]
+                sub = batch.select(idx)
+                mask = sub.response_mask
+                share = mask.sum() / tokens  # this micro-batch's part of the mini-batch's tokens
+                logits = response_logits(models.policy, sub)  # (b, R, V)
+                logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
+                policy_loss, p_metrics = ppo_policy_loss(
+                    logprobs, old["logprobs"][idx], advantages[idx], mask, clip_eps=config.clip_eps,
+                    clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
+                    dual_clip=config.dual_clip)
+                # The entropy needs a graph only when it is part of the loss.
+                with torch.set_grad_enabled(config.entropy_coef > 0):
+                    entropy = masked_mean(entropy_from_logits(logits, config.temperature), mask)
+                loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
+                (loss * share).backward()
+                values = response_values(models.critic, sub)
+                value_loss, v_metrics = ppo_value_loss(values, old["values"][idx], returns[idx], mask,
+                                                       config.value_clip)
+                (value_loss * share).backward()
+                for key, value in {**p_metrics, **v_metrics, "ppo/entropy": entropy.detach(),
+                                   "loss/policy": policy_loss.detach()}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * float(share)
+            for name, model in (("policy", models.policy), ("critic", models.critic)):
+                params = [p for p in model.parameters() if p.requires_grad]
+                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + float(norm)
+                optimizers[f"{name}_optimizer"].step()
+                optimizers[f"{name}_scheduler"].step()
+                optimizers[f"{name}_optimizer"].zero_grad(set_to_none=True)
+            n_updates += 1
+    models.policy.eval()
+    models.critic.eval()
+    return {k: v / n_updates for k, v in sums.items()}
+
+
+def run_ppo(config: PPOConfig) -> Path:
+    out = resolve_output_dir(config, "ppo")
+    records = load_prompts_for(config)
+    models = load_ppo_models(config)
+    prompt_ids = models.encode_prompts(records)
+    prepare_output_dir(out, config)
+    seed_everything(config.seed)
+    optimizers = build_optimizers(models, config)
+    kl_ctl = build_kl_controller("adaptive" if config.adaptive_kl else "fixed", config.kl_coef,
+                                 config.kl_target, config.kl_horizon)
+    order = BatchOrder(len(records), config.rollout_batch_size, config.seed, drop_last=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    stateful = {**optimizers, "kl_controller": kl_ctl}
+
+    step, resumed_from = 0, None
+    if config.resume and list_checkpoints(out):
+        resumed_from, path = list_checkpoints(out)[-1]
+        load_model_weights(models.policy, path / "model")
+        load_model_weights(models.critic, path / "model" / "critic")
+        state = load_checkpoint(path, stateful)
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        step = state["step"]
+        print(f"resuming from {path} (iteration {step} of {config.max_steps})")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
+    samples_log = out / "samples.jsonl"
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.max_steps, initial=step, desc="ppo", disable=not config.progress, dynamic_ncols=True)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        rows = order.indices(step)
+        batch_records = [records[i] for i in rows]
+        # 1-2. rollout and score
+        batch, texts, old, timings = rollout_and_score(models, batch_records, [prompt_ids[i] for i in rows], config)
+        mask = batch.response_mask
+        # 3. shape rewards: -kl_coef * KL_t per token, RM score at the last response token
+        kl = kl_penalty(old["logprobs"], old["ref_logprobs"], config.kl_estimator)  # (B, R)
+        rewards, metrics = shape_rewards(old["scores"], kl, mask, kl_ctl.value, ended=batch.ended,
+                                         missing_eos_penalty=config.missing_eos_penalty,
+                                         score_clip=config.reward_clip, score_scale=config.reward_scale)
+        # 4. GAE
+        advantages, returns = gae_advantages(rewards, old["values"], mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = whiten_advantages(advantages, mask)
+        # 5. PPO epochs over mini-batches
+        trained = time.perf_counter()
+        metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
+        trained = time.perf_counter() - trained
+        # 6. controller and logs
+        kl_ctl.update(float(metrics["objective/kl"]), len(batch))
+        step += 1
+        elapsed = time.perf_counter() - started
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
+               "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
+               "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
+               "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
+               "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
+        if models.gold is not None:
+            row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
+        if step % config.log_every == 0 or step == config.max_steps:
+            log.write(row)
+        if config.sample_every and (step % config.sample_every == 0 or step == 1):
+            with open(samples_log, "a", encoding="utf-8") as handle:
+                for i in range(min(4, len(batch))):
+                    handle.write(json.dumps({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
+                                             "score": float(old["scores"][i])}, ensure_ascii=False) + "\n")
+        if step == config.max_steps or (config.save_every and step % config.save_every == 0):
+            save_checkpoint(out, step, models.save, stateful,
+                            {"generator": generator.get_state().tolist()}, config.keep_last_n)
+        bar.update(1)
+        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
+    bar.close()
+    models.save(out)
+    return out

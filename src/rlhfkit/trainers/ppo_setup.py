@@ -1,0 +1,87 @@
+"""Building what a PPO run needs: prompts, the four models (policy, reference, critic, reward) and optimizers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.data.loading import load_records
+from rlhfkit.data.text import prompt_text
+from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.reward_model import load_reward_model
+from rlhfkit.rollout.scoring import RewardScorer
+from rlhfkit.trainers.optim import build_scheduler, param_groups
+from rlhfkit.trainers.output_dir import save_hf_folder
+from rlhfkit.trainers.stage_data import embedded_prompts
+
+
+@dataclass
+class PPOModels:
+    policy: torch.nn.Module        # trained (the actor)
+    ref: torch.nn.Module           # frozen copy of the starting policy
+    critic: torch.nn.Module        # trained value model (trunk + scalar head)
+    reward: RewardScorer           # frozen reward model
+    tokenizer: object
+    gold: Callable | None          # optional gold scorer, for logging only
+    config: PPOConfig
+
+    def encode_prompts(self, records: list[dict]) -> list[list[int]]:
+        c = self.config
+        return [tokenize_prompt(self.tokenizer, r["prompt"], c.max_prompt_length, c.use_chat_template) for r in records]
+
+    def gold_scores(self, records: list[dict], texts: list[str]) -> list[float]:
+        return self.gold([prompt_text(r["prompt"]) for r in records], texts)
+
+    def save(self, folder: Path) -> None:
+        """The policy as a standard HF folder; the critic beside it in `critic/` (a reward-model folder)."""
+        save_hf_folder(self.policy, self.tokenizer, folder)
+        save_hf_folder(self.critic, self.tokenizer, Path(folder) / "critic")
+
+
+def load_prompts_for(config) -> list[dict]:
+    records = load_records(config.data, "prompt") if config.data else embedded_prompts("train")
+    if not records:
+        raise UserError("no prompts to train on")
+    return records
+
+
+def load_ppo_models(config: PPOConfig) -> PPOModels:
+    if not config.reward_model:
+        raise UserError("--reward-model is required: a folder written by `rlhfkit reward`")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
+    ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code)
+    ref.requires_grad_(False).eval()
+    reward_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
+    reward_model = load_reward_model(config.reward_model, reward_tokenizer.pad_token_id, config.dtype,
+                                     config.trust_remote_code)
+    reward_model.requires_grad_(False).eval()
+    critic_from = config.reward_model if config.critic_init == "reward" else config.model
+    critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+    gold = None
+    if config.gold_scorer:
+        from rlhfkit.annotate.gold import load_gold_scorer
+
+        gold = load_gold_scorer(config.gold_scorer)
+    scorer = RewardScorer(reward_model, reward_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
+    return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
+
+
+def build_optimizers(models: PPOModels, config: PPOConfig) -> dict:
+    """AdamW and a schedule for the policy and for the critic (separate learning rates, separate clipping)."""
+    steps = config.max_steps * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
+    out = {}
+    for name, model, lr in (("policy", models.policy, config.learning_rate),
+                            ("critic", models.critic, config.critic_learning_rate)):
+        groups = param_groups(model.named_parameters(), config.weight_decay, lr)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_eps, foreach=False)
+        out[f"{name}_optimizer"] = optimizer
+        out[f"{name}_scheduler"] = build_scheduler(optimizer, config, steps)
+    return out
