@@ -19,6 +19,8 @@ stages:
   reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
   ppo        fine-tune the policy with PPO against the reward model, KL-penalised to a reference
   eval       sample on held-out prompts: gold and proxy reward, KL to the reference, win rate -> eval.json
+  pipeline   all of the above from one YAML file, then report.html and summary.json
+  demo       the pipeline on the embedded default (`--preset tiny`: a tiny model, about a minute)
 
 Every config field is a flag (--output-dir DIR, --data PATH, --model PATH, ...); `rlhfkit <stage> --help`
 lists them with their help. Precedence: defaults < --preset < --config < flags."""
@@ -34,7 +36,7 @@ RUNNERS = {
 }
 
 
-def _runner(stage: str):
+def runner(stage: str):
     import importlib
 
     module, function = RUNNERS[stage]
@@ -75,35 +77,74 @@ def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]
     return config_file, preset, wants_help, rest
 
 
-def main(argv: list[str] | None = None) -> int:
+PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision no|bf16]
+       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision no|bf16]
+
+Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.
+`demo` runs the packaged pipeline on the embedded default (SmolLM2-135M-Instruct, chatterbot prompts, VADER
+as the gold judge); `--preset tiny` runs the same recipe on a tiny random model in about a minute.
+A finished stage is skipped when the same command is run again, so an interrupted pipeline continues."""
+
+
+def run_stage(stage: str, rest: list[str]):
     from rlhfkit.config import STAGES, build_config, help_text, parse_overrides
+
+    config_file, preset, wants_help, rest = split_args(rest)
+    if wants_help:
+        print(f"usage: rlhfkit {stage} [--config FILE.yaml] [--preset NAME] [--key value ...]\n\n"
+              f"{STAGES[stage].__doc__.strip()}\n\noptions:\n{help_text(stage)}")
+        return None
+    config = build_config(stage, config_file, preset, parse_overrides(rest))
+    quiet_transformers()
+    return runner(stage)(config)
+
+
+def run_pipeline_command(command: str, rest: list[str]):
+    from rlhfkit.config import parse_overrides
+    from rlhfkit.pipeline import demo_path, load_pipeline, run_pipeline
+
+    config_file, preset, wants_help, rest = split_args(rest)
+    if wants_help:
+        print(PIPELINE_USAGE)
+        return None
+    if command == "pipeline":
+        if not rest or rest[0].startswith("--"):
+            raise UserError("pipeline needs a YAML file: rlhfkit pipeline FILE.yaml")
+        config_file, rest = rest[0], rest[1:]
+    else:
+        config_file = demo_path(preset)
+    pipe = load_pipeline(config_file, dict(parse_overrides(rest)))
+    quiet_transformers()
+    return run_pipeline(pipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhfkit.config import STAGES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    stage, rest = argv[0], argv[1:]
-    if stage not in STAGES:
-        print(f"rlhfkit: error: unknown stage '{stage}' (choose from {', '.join(STAGES)})", file=sys.stderr)
+    command, rest = argv[0], argv[1:]
+    if command not in STAGES and command not in ("pipeline", "demo"):
+        choices = ", ".join([*STAGES, "pipeline", "demo"])
+        print(f"rlhfkit: error: unknown command '{command}' (choose from {choices})", file=sys.stderr)
         return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
     try:
-        config_file, preset, wants_help, rest = split_args(rest)
-        if wants_help:
-            print(f"usage: rlhfkit {stage} [--config FILE.yaml] [--preset NAME] [--key value ...]\n\n"
-                  f"{STAGES[stage].__doc__.strip()}\n\noptions:\n{help_text(stage)}")
-            return 0
-        config = build_config(stage, config_file, preset, parse_overrides(rest))
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        quiet_transformers()
-        started = time.perf_counter()
-        out = _runner(stage)(config)
+        if command in STAGES:
+            out = run_stage(command, rest)
+        else:
+            out = run_pipeline_command(command, rest)
     except UserError as exc:
-        print(f"rlhfkit {stage}: error: {exc}", file=sys.stderr)
+        print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rlhfkit {stage}: interrupted", file=sys.stderr)
+        print(f"rlhfkit {command}: interrupted", file=sys.stderr)
         return 130
-    print(f"rlhfkit {stage}: wrote {out} in {time.perf_counter() - started:.0f} s")
+    if out is not None:
+        print(f"rlhfkit {command}: wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -18,6 +18,7 @@ from rlhfkit.data.loading import load_records
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.precision import autocast
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
@@ -47,8 +48,9 @@ def run_annotate(config: AnnotateConfig) -> Path:
                   for r in records]
     max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
     repeated = [ids for ids in prompt_ids for _ in range(k)]
-    samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
-                               config.batch_size)
+    with autocast(config.mixed_precision):
+        samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
+                                   config.batch_size)
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
     generate_s = time.perf_counter() - started
 

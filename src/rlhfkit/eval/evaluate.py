@@ -25,6 +25,7 @@ from rlhfkit.data.loading import load_records
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
@@ -84,9 +85,11 @@ def run_eval(config: EvalConfig) -> Path:
     repeated = [r for r in records for _ in range(k)]
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
                   for r in repeated]
-    ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
+    with autocast(config.mixed_precision):
+        ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
     # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5).
-    theirs = _sample_and_score(ref, ref, tokenizer, repeated, prompt_ids, config, None)
+    with autocast(config.mixed_precision):
+        theirs = _sample_and_score(ref, ref, tokenizer, repeated, prompt_ids, config, None)
     prompts = [prompt_text(r["prompt"]) for r in repeated]
     gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.errors import UserError
+from rlhfkit.models.precision import autocast
 from rlhfkit.trainers.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
 from rlhfkit.trainers.metrics_log import MetricsLog
@@ -103,7 +104,8 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for batch, weight in zip(batches, units):
-            loss, metrics = task.loss(task.model, batch, normaliser)
+            with autocast(config.mixed_precision):
+                loss, metrics = task.loss(task.model, batch, normaliser)
             loss.backward()
             loss_sum += loss.item()
             for key, value in metrics.items():
@@ -122,7 +124,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
         evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
         if evaluating:
             task.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(config.mixed_precision):
                 row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
             task.model.train()
         if evaluating or step % config.log_every == 0 or step == steps:

@@ -24,6 +24,7 @@ from rlhfkit.core.kl_controller import build_kl_controller
 from rlhfkit.core.masked import masked_mean
 from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhfkit.core.reward_shaping import shape_rewards
+from rlhfkit.models.precision import autocast
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
@@ -144,7 +145,9 @@ def run_ppo(config: PPOConfig) -> Path:
         rows = order.indices(step)
         batch_records = [records[i] for i in rows]
         # 1-2. rollout and score
-        batch, texts, old, timings = rollout_and_score(models, batch_records, [prompt_ids[i] for i in rows], config)
+        with autocast(config.mixed_precision):
+            batch, texts, old, timings = rollout_and_score(models, batch_records, [prompt_ids[i] for i in rows],
+                                                           config)
         mask = batch.response_mask
         # 3. shape rewards: -kl_coef * KL_t per token, RM score at the last response token
         kl = kl_penalty(old["logprobs"], old["ref_logprobs"], config.kl_estimator)  # (B, R)
@@ -157,7 +160,8 @@ def run_ppo(config: PPOConfig) -> Path:
             advantages = whiten_advantages(advantages, mask)
         # 5. PPO epochs over mini-batches
         trained = time.perf_counter()
-        metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
+        with autocast(config.mixed_precision):
+            metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
         trained = time.perf_counter() - trained
         # 6. controller and logs
         kl_ctl.update(float(metrics["objective/kl"]), len(batch))

@@ -1,0 +1,204 @@
+"""`report.html` and `summary.json` of a pipeline run: curves, a before/after table, samples side by side.
+
+The page is one self-contained HTML file (plots are inline PNGs), so it can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from rlhfkit.trainers.metrics_log import read_metrics
+
+# (metric key in metrics.jsonl, title) of the training curves we plot when present.
+CURVES = [("objective/scores", "Reward-model score"), ("objective/gold", "Gold score (VADER)"),
+          ("objective/kl", "KL to reference (nats / response)"), ("ppo/entropy", "Policy entropy (nats / token)"),
+          ("loss/value", "Value loss"), ("ppo/clipfrac", "Clip fraction")]
+# (eval.json key prefix, label) of the before/after table.
+TABLE = [("gold_reward", "Gold score (held-out)"), ("proxy_reward", "Reward-model score"),
+         ("kl_to_reference", "KL to reference (nats)"), ("win_rate_vs_reference", "Gold win rate vs reference"),
+         ("response_length", "Response length (tokens)"), ("ended_with_eos", "Ended with EOS")]
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1):i + 1] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def curves_png(rows: list[dict]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [(k, t) for k, t in CURVES if any(k in r for r in rows)]
+    if not present:
+        return None
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(present) / cols), cols, figsize=(13, 3.4 * math.ceil(len(present) / cols)),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes.flat, present):
+        steps = [r["step"] for r in rows if r.get(key) is not None]
+        values = [r[key] for r in rows if r.get(key) is not None]
+        ax.plot(steps, values, color="#9ab", lw=1, label="per step")
+        ax.plot(steps, _smooth(values), color="#1f5f8b", lw=2, label="moving mean (5)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def gold_vs_kl_png(evals: dict[str, dict]) -> str | None:
+    """Each policy as a point on the (KL to reference, gold score) plane, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, ev in evals.items():
+        kl, gold = ev["kl_to_reference_mean"], ev["gold_reward_mean"]
+        ax.errorbar([kl], [gold], xerr=[[kl - ev["kl_to_reference_ci95"][0]], [ev["kl_to_reference_ci95"][1] - kl]],
+                    yerr=[[gold - ev["gold_reward_ci95"][0]], [ev["gold_reward_ci95"][1] - gold]], fmt="o", capsize=4,
+                    label=name)
+        ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.set_xlabel("KL to reference (nats / response)")
+    ax.set_ylabel("Gold score (held-out)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _fmt(ev: dict, key: str) -> str:
+    if f"{key}_mean" not in ev:
+        return "&ndash;"
+    lo, hi = ev[f"{key}_ci95"]
+    return f"{ev[f'{key}_mean']:.3f} <span class=ci>[{lo:.3f}, {hi:.3f}]</span>"
+
+
+def intervals_apart(better: dict, worse: dict, key: str = "gold_reward") -> bool:
+    """True when the 95% interval of `better` lies entirely above that of `worse`."""
+    return better[f"{key}_ci95"][0] > worse[f"{key}_ci95"][1]
+
+
+def build_summary(out: Path, kl_budget: float, timings: dict) -> dict:
+    evals = {p.name: _read_json(p / "eval.json") for p in sorted((out / "eval").glob("*")) if (p / "eval.json").is_file()}
+    reward_rows = read_metrics(out / "reward" / "metrics.jsonl") if (out / "reward" / "metrics.jsonl").is_file() else []
+    final_rm = next((r for r in reversed(reward_rows) if "eval/accuracy" in r), {})
+    summary = {
+        "policies": evals,
+        "annotate": _read_json(out / "annotate" / "summary.json"),
+        "reward_model": {k.removeprefix("eval/"): v for k, v in final_rm.items() if k.startswith("eval/")},
+        "kl_budget": kl_budget,
+        "timings_s": timings,
+        "total_s": sum(timings.values()),
+        "checks": {},
+    }
+    base = evals.get("sft")
+    for name, ev in evals.items():
+        if name == "sft" or base is None:
+            continue
+        summary["checks"][f"{name}_gold_above_sft"] = intervals_apart(ev, base)
+        summary["checks"][f"{name}_kl_within_budget"] = ev["kl_to_reference_mean"] <= kl_budget
+    return summary
+
+
+def _samples_table(out: Path, names: list[str], limit: int = 10) -> str:
+    columns = {n: [json.loads(line) for line in (out / "eval" / n / "samples.jsonl").read_text().splitlines()]
+               for n in names if (out / "eval" / n / "samples.jsonl").is_file()}
+    if not columns:
+        return ""
+    rows, seen = [], set()
+    first = next(iter(columns.values()))
+    for i, sample in enumerate(first):
+        prompt = json.dumps(sample["prompt"]) if not isinstance(sample["prompt"], str) else sample["prompt"]
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        cells = "".join(f"<td>{html.escape(col[i]['response'])}<div class=gold>gold {col[i]['gold']:+.2f}</div></td>"
+                        for col in columns.values() if i < len(col))
+        rows.append(f"<tr><td class=prompt>{html.escape(prompt)}</td>{cells}</tr>")
+        if len(rows) >= limit:
+            break
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in columns)
+    return f"<table class=samples><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.35em .6em;vertical-align:top;
+font-size:.92em}th{background:#f3f5f7;text-align:left}.ci{color:#777;font-size:.85em}.ok{color:#187a2f;
+font-weight:600}.bad{color:#b3261e;font-weight:600}.samples td{max-width:380px}.prompt{font-weight:600}
+.gold{color:#777;font-size:.8em;margin-top:.3em}img{max-width:100%}"""
+
+
+def write_report(out: Path, kl_budget: float, timings: dict) -> Path:
+    out = Path(out)
+    summary = build_summary(out, kl_budget, timings)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    evals = summary["policies"]
+    names = list(evals)
+    parts = [f"<h1>rlhfkit report</h1><p>Output folder: <code>{html.escape(str(out))}</code>. "
+             f"Total wall time {summary['total_s'] / 60:.1f} min.</p>"]
+    if summary["checks"]:
+        items = "".join(f"<li>{html.escape(k)}: <span class={'ok' if v else 'bad'}>{'yes' if v else 'no'}</span></li>"
+                        for k, v in summary["checks"].items())
+        parts.append(f"<h2>Checks</h2><ul>{items}</ul><p>Gold above SFT means the 95% intervals do not overlap; "
+                     f"the KL budget is {kl_budget:g} nats per response.</p>")
+    if evals:
+        first = next(iter(evals.values()))
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = "".join(f"<tr><td>{label}</td>{''.join(f'<td>{_fmt(evals[n], key)}</td>' for n in names)}</tr>"
+                       for key, label in TABLE)
+        parts.append(f"<h2>Before and after (held-out prompts)</h2><p>{first['n_prompts']} prompts x "
+                     f"{first['samples_per_prompt']} samples; mean and 95% interval over prompts; reference: "
+                     f"<code>{html.escape(first['ref_model'])}</code>.</p><table><tr><th>metric</th>{head}</tr>{body}</table>")
+        plane = gold_vs_kl_png(evals)
+        if plane:
+            parts.append(f"<h2>Gold score against KL to the reference</h2><img src='data:image/png;base64,{plane}'>")
+    ppo_rows = read_metrics(out / "ppo" / "metrics.jsonl") if (out / "ppo" / "metrics.jsonl").is_file() else []
+    curves = curves_png(ppo_rows)
+    if curves:
+        parts.append(f"<h2>PPO training curves</h2><img src='data:image/png;base64,{curves}'>")
+    rm = summary["reward_model"]
+    if rm:
+        agreement = f", agreement with the gold scorer {rm['gold_agreement']:.3f}" if "gold_agreement" in rm else ""
+        parts.append(f"<h2>Reward model</h2><p>Held-out pairwise accuracy on annotator labels "
+                     f"{rm.get('accuracy', float('nan')):.3f}{agreement}.</p>")
+    table = _samples_table(out, names)
+    if table:
+        parts.append(f"<h2>Sample generations (held-out prompts)</h2>{table}")
+    if timings:
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>" for k, v in timings.items())
+        parts.append(f"<h2>Wall time per stage</h2><table>{rows}</table>")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>rlhfkit report</title><style>{STYLE}</style>" \
+           f"</head><body>{''.join(parts)}</body></html>"
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out / "report.html"

@@ -1,0 +1,179 @@
+"""`rlhfkit pipeline FILE.yaml` and `rlhfkit demo`: the whole recipe from one YAML file.
+
+    output_dir: runs/demo          # every stage writes a sub-folder here
+    model: embedded                # the starting policy
+    seed: 0
+    mixed_precision: bf16          # applied to every stage unless a section says otherwise
+    gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
+    kl_budget: 15.0                # nats per response; the summary checks the PPO policy against it
+    stages: [sft, annotate, reward, ppo, eval]
+    sft: {max_steps: 40}           # any field of that stage's config
+    annotate: {num_prompts: 128}
+    reward: {...}
+    ppo: {...}
+    eval: {...}
+
+Stages are wired together (SFT output -> annotation model, preferences -> reward model, ...); a key given in
+a section wins over the wiring. A finished stage leaves `.done` in its folder and is skipped when the
+pipeline is run again, so an interrupted pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhfkit.config import STAGES, _yaml_mapping, coerce, preset_path, validate
+from rlhfkit.errors import ConfigError
+
+ALL_STAGES = ("sft", "annotate", "reward", "ppo", "eval")
+TOP_LEVEL = {"output_dir": str, "model": str, "seed": int, "mixed_precision": str, "gold_scorer": str,
+             "kl_budget": float, "stages": list}
+
+
+@dataclass
+class Pipeline:
+    output_dir: Path
+    model: str = "embedded"
+    seed: int = 0
+    mixed_precision: str = "no"
+    gold_scorer: str = "vader"
+    kl_budget: float = 15.0
+    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    sections: dict[str, dict] = field(default_factory=dict)
+    where: dict[str, dict] = field(default_factory=dict)  # stage -> key -> "file:line" for error messages
+
+
+def _section_lines(path: Path) -> dict[str, dict[str, int]]:
+    """Line of every key inside each top-level mapping, e.g. {'sft': {'max_steps': 12}}."""
+    node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    lines: dict[str, dict[str, int]] = {}
+    for key, value in getattr(node, "value", []):
+        if isinstance(value, yaml.MappingNode):
+            lines[key.value] = {k.value: k.start_mark.line + 1 for k, _ in value.value if isinstance(k, yaml.ScalarNode)}
+    return lines
+
+
+def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
+    """Read and check a pipeline YAML file (top-level keys, stage names, every section key and value)."""
+    path = Path(path)
+    values, lines = _yaml_mapping(path)
+    nested = _section_lines(path) if values else {}
+    for key, text in (overrides or {}).items():
+        kind = TOP_LEVEL.get(key)
+        if kind is None or kind is list:
+            raise ConfigError(f"--{key.replace('_', '-')}: not a pipeline setting (use the YAML file's sections)")
+        try:
+            values[key] = kind(text) if isinstance(text, str) and kind is not str else text
+        except ValueError:
+            raise ConfigError(f"--{key.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
+    pipe = Pipeline(output_dir=Path(values.get("output_dir") or "runs/pipeline"))
+    for key, value in values.items():
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        if key in STAGES and key in ALL_STAGES:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: key '{key}': expected a mapping of {key} settings")
+            pipe.sections[key] = value
+            pipe.where[key] = {k: f"{path}:{nested.get(key, {}).get(k, lines.get(key, 1))} [{key}]" for k in value}
+            continue
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{where}: unknown key '{key}' (pipeline keys: {', '.join(TOP_LEVEL)}, "
+                              f"and one section per stage: {', '.join(ALL_STAGES)})")
+        if key == "stages":
+            if not isinstance(value, list) or not all(s in ALL_STAGES for s in value):
+                raise ConfigError(f"{where}: key 'stages': expected a list of {', '.join(ALL_STAGES)}, got {value!r}")
+            pipe.stages = list(value)
+        elif key == "output_dir":
+            pipe.output_dir = Path(str(value))
+        else:
+            kind = TOP_LEVEL[key]
+            if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
+                raise ConfigError(f"{where}: key '{key}': expected {kind.__name__}, got {value!r}")
+            setattr(pipe, key, kind(value))
+    if pipe.mixed_precision not in ("no", "bf16"):
+        raise ConfigError(f"{path}: key 'mixed_precision': expected no or bf16, got {pipe.mixed_precision!r}")
+    # Check every section now, before any stage runs: a typo in `eval` must not surface after an hour of PPO.
+    for stage in pipe.stages:
+        stage_config(pipe, stage, {})
+    return pipe
+
+
+def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = None):
+    """A stage's config: pipeline-wide settings, then the wiring, then the user's section (which wins)."""
+    cls = STAGES[stage]
+    fields = {f for f in cls.__dataclass_fields__}
+    values = {"model": pipe.model, "seed": pipe.seed, "mixed_precision": pipe.mixed_precision}
+    if "gold_scorer" in fields:
+        values["gold_scorer"] = pipe.gold_scorer
+    values.update(wiring)
+    values.update(extra or {})
+    for key, value in pipe.sections.get(stage, {}).items():
+        values[key] = value
+    where = pipe.where.get(stage, {})
+    checked = {k: coerce(cls, k, v, where.get(k, f"pipeline [{stage}]")) for k, v in values.items()}
+    config = cls(**checked)
+    validate(config)
+    return config
+
+
+def run_pipeline(pipe: Pipeline) -> Path:
+    from rlhfkit.cli import runner
+
+    out = pipe.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    policy0 = str(out / "sft") if "sft" in pipe.stages else pipe.model
+    wiring = {
+        "sft": {"output_dir": str(out / "sft")},
+        "annotate": {"model": policy0, "output_dir": str(out / "annotate")},
+        "reward": {"model": policy0, "data": str(out / "annotate" / "preferences.jsonl"),
+                   "output_dir": str(out / "reward")},
+        "ppo": {"model": policy0, "reward_model": str(out / "reward"), "output_dir": str(out / "ppo")},
+    }
+    timings: dict[str, float] = {}
+    timing_file = out / "timings.json"
+    if timing_file.exists():
+        timings = json.loads(timing_file.read_text())
+    jobs = []
+    for stage in pipe.stages:
+        if stage != "eval":
+            jobs.append((stage, stage, stage_config(pipe, stage, wiring[stage])))
+            continue
+        # Evaluate the starting policy and every trained one on the same held-out prompts, against policy0.
+        policies = {"sft": policy0} | ({"ppo": str(out / "ppo")} if "ppo" in pipe.stages else {})
+        reward_model = str(out / "reward") if "reward" in pipe.stages else None
+        for name, model in policies.items():
+            jobs.append((f"eval-{name}", "eval", stage_config(
+                pipe, "eval", {"model": model, "ref_model": policy0, "reward_model": reward_model,
+                               "output_dir": str(out / "eval" / name)})))
+    for name, stage, config in jobs:
+        done = Path(config.output_dir) / ".done"
+        if done.exists():
+            print(f"pipeline: {name} already done ({config.output_dir}); skipping")
+            continue
+        if hasattr(config, "resume") and Path(config.output_dir, "checkpoints").is_dir():
+            config.resume = True  # an interrupted training stage continues from its last checkpoint
+        print(f"pipeline: running {name} -> {config.output_dir}")
+        started = time.perf_counter()
+        runner(stage)(config)
+        timings[name] = time.perf_counter() - started
+        timing_file.write_text(json.dumps(timings, indent=2))
+        done.write_text("")
+    from rlhfkit.eval.report import write_report
+
+    write_report(out, pipe.kl_budget, timings)
+    return out
+
+
+def demo_path(preset: str | None) -> Path:
+    """The packaged pipeline file of `rlhfkit demo` (`--preset tiny`: the seconds-long version)."""
+    name = "demo" if preset in (None, "", "default") else f"demo-{preset}"
+    try:
+        return preset_path(name)
+    except ConfigError:
+        raise ConfigError(f"unknown demo preset '{preset}' (known: default, tiny)") from None

@@ -1,0 +1,71 @@
+"""Rollout layout and scoring: the (B, R) tensors line up with the response tokens."""
+
+import torch
+
+from rlhfkit.core.logprobs import logprobs_from_logits
+from rlhfkit.rollout.batch import build_rollout_batch
+from rlhfkit.rollout.generate import cut_at_eos, sample_responses
+from rlhfkit.rollout.scoring import RewardScorer, response_logprobs, response_values
+
+
+def test_layout_left_pads_prompts_and_right_pads_responses():
+    batch = build_rollout_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [True, False], pad_id=0)
+    assert batch.prompt_width == 3
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.position_ids[1].tolist() == [0, 0, 0, 1, 2, 3]
+    assert batch.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch.responses.tolist() == [[1, 2, 0], [3, 4, 9]]
+    assert batch.select([1]).input_ids.tolist() == [[0, 0, 8, 3, 4, 9]]
+
+
+def test_cut_at_eos_keeps_the_eos():
+    assert cut_at_eos([4, 5, 2, 7, 2], {2}) == ([4, 5, 2], True)
+    assert cut_at_eos([4, 5], {2}) == ([4, 5], False)
+
+
+def test_response_logprobs_match_a_full_forward_of_each_row_alone(tokenizer, tiny_model):
+    """Scoring through the padded layout equals scoring each unpadded sequence on its own."""
+    prompts = [tokenizer("Hello there friend", add_special_tokens=False)["input_ids"], [tokenizer.eos_token_id + 100]]
+    responses = [[300, 301], [400, 401, 402, 403]]
+    batch = build_rollout_batch(prompts, responses, [False, False], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(tiny_model, batch, temperature=0.7, with_entropy=True)
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([prompt + response])
+            logits = tiny_model(input_ids=ids).logits[:, len(prompt) - 1:-1]
+            alone = logprobs_from_logits(logits, torch.tensor([response]), temperature=0.7)[0]
+            assert torch.allclose(logprobs[row, :len(response)], alone, atol=1e-5)
+    assert logprobs.shape == entropy.shape == (2, 4)
+
+
+def test_values_are_read_before_each_response_token(tokenizer, tiny_model, tmp_path):
+    from rlhfkit.models.reward_model import load_reward_model, score_sequences
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    critic = load_reward_model(tmp_path / "m", tokenizer.pad_token_id).eval()
+    prompt, response = [500, 501, 502], [600, 601]
+    batch = build_rollout_batch([prompt, [700]], [response, [800]], [True, True], tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = response_values(critic, batch)
+        # V at response token t is the score of the sequence that ends just before it.
+        v0 = score_sequences(critic, torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.long))
+        v1 = score_sequences(critic, torch.tensor([prompt + response[:1]]), torch.ones(1, 4, dtype=torch.long))
+        scorer = RewardScorer(critic, tokenizer, tokenizer, max_prompt_length=16)
+        full = scorer(batch, ["a", "b"], ["x", "y"])
+        alone = score_sequences(critic, torch.tensor([prompt + response]), torch.ones(1, 5, dtype=torch.long))
+    assert torch.allclose(values[0], torch.cat([v0, v1]), atol=1e-5)
+    assert torch.allclose(full[0], alone[0], atol=1e-5)
+    assert scorer.reuse_ids
+
+
+def test_sampling_respects_max_new_tokens_and_seed(tokenizer, tiny_model):
+    prompts = [[500, 501], [502]]
+    torch.manual_seed(0)
+    first = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=5)
+    torch.manual_seed(0)
+    again = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=5)
+    assert [s.response_ids for s in first] == [s.response_ids for s in again]
+    assert all(len(s.response_ids) <= 5 for s in first)
+    assert all(s.ended == (s.response_ids[-1] == tokenizer.eos_token_id) for s in first)

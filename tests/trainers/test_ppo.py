@@ -1,0 +1,82 @@
+"""PPO end to end on the tiny model: outputs, metrics, learning, exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.models.loading import resolve_model_path
+from rlhfkit.models.reward_model import load_reward_model
+from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.trainers.ppo import run_ppo
+
+from .helpers import tiny_config, write_jsonl
+from .test_resume import Crash, comparable, crash_after_logging
+
+REQUIRED = ("objective/kl", "objective/rlhf_reward", "objective/scores", "ppo/approx_kl", "ppo/clipfrac",
+            "ppo/explained_variance", "ppo/entropy", "loss/policy", "loss/value", "response/length_mean",
+            "time/rollout_s", "time/score_s", "time/train_s", "objective/kl_coef")
+
+
+@pytest.fixture(scope="module")
+def reward_folder(tmp_path_factory, tokenizer):
+    """A tiny reward model with a random head: PPO must learn to please it."""
+    folder = tmp_path_factory.mktemp("rm")
+    rm = load_reward_model(resolve_model_path("tiny"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(16)])
+
+
+def test_ppo_writes_policy_critic_metrics_and_samples(tmp_path, reward_folder, prompts):
+    out = tmp_path / "ppo"
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
+                        max_steps=3, save_every=2, sample_every=2, gold_scorer="vader"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in REQUIRED + ("objective/gold",):
+        assert key in rows[-1], key
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    assert all(0 <= r["ppo/clipfrac"] <= 1 for r in rows)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((out / "critic" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all("response" in s and "score" in s for s in samples)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_ppo_raises_the_reward_model_score(tmp_path, reward_folder, prompts):
+    out = tmp_path / "ppo"
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
+                        max_steps=12, rollout_batch_size=16, mini_batch_size=8, learning_rate=3e-3,
+                        critic_learning_rate=3e-3, kl_coef=0.01, save_every=0, sample_every=0))
+    scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5, scores
+
+
+@pytest.mark.parametrize("crash_step", [2, 3])
+def test_ppo_resume_after_a_crash_is_exact(tmp_path, monkeypatch, reward_folder, prompts, crash_step):
+    common = dict(data=prompts, reward_model=reward_folder, progress=False, max_steps=4, save_every=2,
+                  sample_every=0, keep_last_n=0, adaptive_kl=True, kl_target=0.1, kl_horizon=100)
+    run_ppo(tiny_config("ppo", output_dir=tmp_path / "straight", **common))
+    with monkeypatch.context() as patch:
+        crash_after_logging(patch, crash_step)
+        with pytest.raises(Crash):
+            run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", **common))
+    run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", resume=True, **common))
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "crashed" / part)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert comparable(a) == comparable(b)  # includes the adapted objective/kl_coef
