@@ -80,3 +80,16 @@ def test_ppo_resume_after_a_crash_is_exact(tmp_path, monkeypatch, reward_folder,
     a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert comparable(a) == comparable(b)  # includes the adapted objective/kl_coef
+
+
+def test_first_update_sees_ratio_one_under_bf16(tmp_path, reward_folder, prompts):
+    """Before any update the new log-probs equal the rollout's, even in bf16 with other micro-batches:
+    nothing is clipped and the approximate KL is ~0 (the LM head runs in fp32 for this)."""
+    out = tmp_path / "ppo"
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
+                        max_steps=1, rollout_batch_size=8, mini_batch_size=8, gradient_accumulation_steps=4,
+                        ppo_epochs=1, mixed_precision="bf16", save_every=0, sample_every=0))
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["ppo/clipfrac"] == 0.0
+    assert row["ppo/approx_kl"] < 1e-4
+    assert abs(row["ppo/ratio_mean"] - 1.0) < 1e-2

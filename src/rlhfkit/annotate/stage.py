@@ -50,7 +50,7 @@ def run_annotate(config: AnnotateConfig) -> Path:
     repeated = [ids for ids in prompt_ids for _ in range(k)]
     with autocast(config.mixed_precision):
         samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
-                                   config.batch_size)
+                                   config.batch_size, progress=config.progress)
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
     generate_s = time.perf_counter() - started
 

@@ -5,7 +5,8 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
 - gold_reward: the gold scorer's score of the policy's responses;
 - proxy_reward: the reward model's score (when a reward model is given);
 - kl_to_reference: sum over response tokens of log pi(y_t) - log pi_ref(y_t), for y ~ pi: an unbiased
-  estimate of the sequence-level KL(pi || pi_ref) in nats;
+  estimate of the sequence-level KL(pi || pi_ref) in nats, both at the sampling temperature (with top_p < 1
+  the samples come from a truncated distribution and the estimate is biased; keep top_p = 1 to measure KL);
 - win_rate_vs_reference: policy sample i against reference sample i of the same prompt, judged by the gold
   scorer, ties counting one half;
 - response_length: response tokens (EOS included).
@@ -38,8 +39,11 @@ from rlhfkit.trainers.stage_data import embedded_prompts
 @torch.no_grad()
 def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalConfig, reward: RewardScorer | None):
     """Samples of `policy` with their KL to `ref` and proxy scores, in batches."""
+    from tqdm.auto import tqdm
+
     out = {"texts": [], "kl": [], "proxy": [], "length": [], "ended": []}
-    for start in range(0, len(prompt_ids), config.batch_size):
+    starts = range(0, len(prompt_ids), config.batch_size)
+    for start in tqdm(starts, desc="eval", unit="batch", disable=not config.progress, dynamic_ncols=True):
         ids, recs = prompt_ids[start:start + config.batch_size], records[start:start + config.batch_size]
         samples = sample_responses(policy, tokenizer, ids, config.max_new_tokens, config.temperature,
                                    config.top_p, batch_size=len(ids))

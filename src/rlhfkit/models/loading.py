@@ -102,6 +102,11 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Attention layers copy their dropout rate from the config when built (e.g. Llama's
+        # `self.attention_dropout`), so zeroing the config afterwards is not enough.
+        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
             setattr(model.config, key, 0.0)

@@ -40,19 +40,28 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, batch_size: int = 32) -> list[Sample]:
+                     top_p: float = 1.0, batch_size: int = 32, progress: bool = False) -> list[Sample]:
     """One sampled response per prompt (repeat a prompt in `prompts` to get several)."""
+    from transformers import GenerationConfig
+
     eos = eos_token_ids(model, tokenizer)
+    # A config of our own, not merged with the model's: a folder's generation_config.json may carry a
+    # repetition penalty or a min length, which would make the samples come from another distribution
+    # than the softmax(logits / T) that PPO and the KL estimate score them under.
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                              pad_token_id=tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
     samples = []
-    for start in range(0, len(prompts), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
         chunk = prompts[start:start + batch_size]
         batch = collate_prompts(chunk, tokenizer.pad_token_id)
-        out = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             generation_config=config, use_cache=True)
         width = batch["input_ids"].shape[1]
         for prompt, row in zip(chunk, out[:, width:].tolist()):
             response, ended = cut_at_eos(row, eos)

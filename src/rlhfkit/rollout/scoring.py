@@ -14,13 +14,30 @@ from rlhfkit.models.reward_model import score_sequences
 from rlhfkit.rollout.batch import RolloutBatch
 
 
+# Config fields of models whose logits are more than `lm_head(hidden)`; those take the model's own path.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
 def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
-    """Logits that predict each response token: (B, R, V). Only the last R + 1 positions go through the
-    LM head (`logits_to_keep`), which spares a (B, P, V) tensor of prompt logits nobody needs."""
+    """Logits that predict each response token: (B, R, V), float32.
+
+    Only the R hidden states before response tokens go through the LM head, which spares a (B, P, V)
+    tensor of prompt logits. The head runs in fp32 even under bf16 autocast: bf16 logits carry ~3
+    significant digits, and the PPO ratio exp(logp_new - logp_old) of two bf16 computations of the same
+    policy (one batched at rollout, one per micro-batch) would differ from 1 by several percent.
+    """
     R = batch.response_mask.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
-    return out.logits[:, :-1]  # positions P-1 .. P+R-2
+    if any(getattr(model.config, key, None) for key in _LOGIT_POSTPROCESSING):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+        return out.logits[:, :-1].float()
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, -(R + 1):-1]  # (B, R, H): columns P-1 .. P+R-2
+    head = model.get_output_embeddings()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
 def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,

@@ -11,7 +11,6 @@ One iteration reads top to bottom:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from rlhfkit.core.kl_controller import build_kl_controller
 from rlhfkit.core.masked import masked_mean
 from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhfkit.core.reward_shaping import shape_rewards
+from rlhfkit.errors import UserError
 from rlhfkit.models.precision import autocast
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
@@ -115,10 +115,13 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
 def run_ppo(config: PPOConfig) -> Path:
     out = resolve_output_dir(config, "ppo")
     records = load_prompts_for(config)
+    if len(records) < config.rollout_batch_size:
+        raise UserError(f"{config.data or 'prompts'}: {len(records)} prompts, fewer than rollout_batch_size "
+                        f"({config.rollout_batch_size})")
+    seed_everything(config.seed)  # before loading: a fresh critic head is initialised from the RNG
     models = load_ppo_models(config)
     prompt_ids = models.encode_prompts(records)
     prepare_output_dir(out, config)
-    seed_everything(config.seed)
     optimizers = build_optimizers(models, config)
     kl_ctl = build_kl_controller("adaptive" if config.adaptive_kl else "fixed", config.kl_coef,
                                  config.kl_target, config.kl_horizon)
@@ -136,7 +139,7 @@ def run_ppo(config: PPOConfig) -> Path:
         step = state["step"]
         print(f"resuming from {path} (iteration {step} of {config.max_steps})")
     log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
-    samples_log = out / "samples.jsonl"
+    samples_log = MetricsLog(out / "samples.jsonl", resume_step=resumed_from)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.max_steps, initial=step, desc="ppo", disable=not config.progress, dynamic_ncols=True)
@@ -177,10 +180,9 @@ def run_ppo(config: PPOConfig) -> Path:
         if step % config.log_every == 0 or step == config.max_steps:
             log.write(row)
         if config.sample_every and (step % config.sample_every == 0 or step == 1):
-            with open(samples_log, "a", encoding="utf-8") as handle:
-                for i in range(min(4, len(batch))):
-                    handle.write(json.dumps({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
-                                             "score": float(old["scores"][i])}, ensure_ascii=False) + "\n")
+            for i in range(min(4, len(batch))):
+                samples_log.write({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
+                                   "score": float(old["scores"][i])})
         if step == config.max_steps or (config.save_every and step % config.save_every == 0):
             save_checkpoint(out, step, models.save, stateful,
                             {"generator": generator.get_state().tolist()}, config.keep_last_n)

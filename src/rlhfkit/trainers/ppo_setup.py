@@ -62,6 +62,10 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
     reward_model = load_reward_model(config.reward_model, reward_tokenizer.pad_token_id, config.dtype,
                                      config.trust_remote_code)
     reward_model.requires_grad_(False).eval()
+    scorer = RewardScorer(reward_model, reward_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
+    if config.critic_init == "reward" and not scorer.reuse_ids:
+        raise UserError(f"{config.reward_model}: the reward model has its own tokenizer, so it cannot start the "
+                        f"critic (which reads the policy's tokens); use --critic-init policy")
     critic_from = config.reward_model if config.critic_init == "reward" else config.model
     critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
     gold = None
@@ -69,7 +73,6 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
         from rlhfkit.annotate.gold import load_gold_scorer
 
         gold = load_gold_scorer(config.gold_scorer)
-    scorer = RewardScorer(reward_model, reward_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
     return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
 
 

@@ -13,6 +13,7 @@ from rlhfkit.data.text import prompt_text, response_text
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
+from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
@@ -82,6 +83,7 @@ def run_reward(config: RewardConfig) -> Path:
         chosen = scorer(prompts, [response_text(r["chosen"]) for r in eval_records])
         rejected = scorer(prompts, [response_text(r["rejected"]) for r in eval_records])
         gold_diffs = [c - r for c, r in zip(chosen, rejected)]
+    seed_everything(config.seed)  # the fresh scalar head is initialised from the RNG
     model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
     prepare_output_dir(out, config)
 

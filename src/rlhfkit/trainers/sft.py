@@ -13,6 +13,7 @@ from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
 from rlhfkit.data.tokenize import tokenize_sft
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
@@ -55,6 +56,7 @@ def run_sft(config: SFTConfig) -> Path:
                 for r in records]
 
     train, evals = encode(train_records), encode(eval_records)
+    seed_everything(config.seed)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
     prepare_output_dir(out, config)
 

@@ -1,0 +1,205 @@
+"""PPO throughput and memory: rlhfkit against TRL's last PPO trainer, same models and settings, one run.
+
+    pip install trl==1.12.0 requests     # TRL's side (trl.experimental.ppo); skipped if missing
+    python bench/ppo.py                  # tiny and embedded models
+    python bench/ppo.py --models tiny --iterations 3
+
+Each (system, model) pair runs in its own Python process, so peak memory (max RSS, which includes loading the
+four models) is measured separately. Both systems get: the same policy (also the reference), the same reward
+model (the policy's trunk with a seeded random scalar head, also the critic's start), the same prompts
+(chatterbot, chat template), rollout batch, mini-batch, micro-batch, PPO epochs, response length, temperature
+1, bf16 autocast on CPU, and no evaluation or checkpoints. The first iteration warms up and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_reward_folder(model_name: str, folder: Path) -> None:
+    import torch
+
+    from rlhfkit.models.loading import load_tokenizer, resolve_model_path
+    from rlhfkit.models.reward_model import load_reward_model
+
+    tokenizer = load_tokenizer(model_name)
+    rm = load_reward_model(resolve_model_path(model_name), tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        rm.score.weight.normal_(0, rm.config.hidden_size ** -0.5)
+    rm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def prompts_file(folder: Path, n: int) -> Path:
+    from rlhfkit.trainers.stage_data import embedded_prompts
+
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in embedded_prompts("train")[:n]))
+    return path
+
+
+def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
+    from rlhfkit.config import build_config
+    from rlhfkit.trainers.metrics_log import read_metrics
+    from rlhfkit.trainers.ppo import run_ppo
+
+    overrides = dict(model=args.model, reward_model=rm_folder, data=prompts, output_dir=work / "ours",
+                     max_steps=args.iterations + 1, rollout_batch_size=args.rollout, mini_batch_size=args.mini,
+                     gradient_accumulation_steps=args.mini // args.micro, ppo_epochs=args.epochs,
+                     max_new_tokens=args.response_length, max_prompt_length=64, max_length=64 + args.response_length,
+                     mixed_precision="bf16", save_every=0, sample_every=0, progress=False, critic_init="reward")
+    config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
+    config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
+    run_ppo(config)
+    rows = read_metrics(work / "ours" / "metrics.jsonl")[1:]  # drop the warm-up iteration
+    total = sum(r["time/step_s"] for r in rows)
+    return {"seconds": total, "samples": args.rollout * len(rows),
+            "tokens": sum(r["response/length_mean"] * args.rollout for r in rows),
+            "generate_s": sum(r["time/rollout_s"] for r in rows), "score_s": sum(r["time/score_s"] for r in rows),
+            "train_s": sum(r["time/train_s"] for r in rows)}
+
+
+def run_trl(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from rlhfkit.data.tokenize import tokenize_prompt
+    from rlhfkit.models.loading import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(args.model)
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    ids = [tokenize_prompt(tokenizer, r["prompt"], 64) for r in records]
+    dataset = Dataset.from_dict({"input_ids": ids})
+    folder = resolve_model_path(args.model)
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder)
+    value = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1)
+    iterations = args.iterations + 1
+    config = PPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=args.mini // args.micro, num_mini_batches=args.rollout // args.mini,
+        num_ppo_epochs=args.epochs, total_episodes=args.rollout * iterations, response_length=args.response_length,
+        local_rollout_forward_batch_size=args.rollout, stop_token="eos", temperature=1.0, learning_rate=3e-6,
+        num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=1, bf16=True, use_cpu=True,
+        seed=0, dataloader_num_workers=0)
+
+    generate_s = [0.0]
+    real_generation = trl_ppo.batch_generation
+
+    tokens = [0]
+
+    def timed_generation(model, queries, *a, **k):
+        started = time.perf_counter()
+        out = real_generation(model, queries, *a, **k)
+        generate_s[0] += time.perf_counter() - started
+        # Response tokens up to and including the first EOS, as TRL truncates them.
+        responses = out[0][:, queries.shape[1]:]
+        is_eos = responses == tokenizer.eos_token_id
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], responses.shape[1], dtype=torch.long))
+        tokens[0] += int(first.sum())
+        return out
+
+    trl_ppo.batch_generation = timed_generation
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):  # TRL calls this once per PPO iteration
+            marks.append((time.perf_counter(), generate_s[0], tokens[0]))
+
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                         train_dataset=dataset, value_model=value, callbacks=[Clock()])
+    torch.manual_seed(0)
+    trainer.train()
+    (t0, g0, n0), (t1, g1, n1) = marks[0], marks[-1]
+    return {"seconds": t1 - t0, "samples": args.rollout * (len(marks) - 1), "tokens": n1 - n0,
+            "generate_s": g1 - g0, "score_s": None, "train_s": None}
+
+
+def worker(args) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlhfkit.cli import quiet_transformers
+
+    quiet_transformers()
+    work = Path(args.work)
+    rm_folder, prompts = work / "rm", work / "prompts.jsonl"
+    result = (run_ours if args.system == "rlhfkit" else run_trl)(args, rm_folder, prompts, work)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,embedded")
+    parser.add_argument("--systems", default="rlhfkit,trl")
+    parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations (after one warm-up)")
+    parser.add_argument("--rollout", type=int, default=32)
+    parser.add_argument("--mini", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--response-length", type=int, default=32)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    for model in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            make_reward_folder(model, work / "rm")
+            prompts_file(work, args.rollout * (args.iterations + 1))
+            for system in args.systems.split(","):
+                cmd = [sys.executable, __file__, "--worker", "--system", system, "--model", model, "--work", tmp,
+                       "--iterations", str(args.iterations), "--rollout", str(args.rollout), "--mini", str(args.mini),
+                       "--micro", str(args.micro), "--epochs", str(args.epochs),
+                       "--response-length", str(args.response_length)]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    rows.append({"model": model, "system": system, "error": tail})
+                    continue
+                rows.append({"model": model, "system": system, **json.loads(line[7:])})
+    print(f"\nPPO, rollout {args.rollout}, mini-batch {args.mini}, micro-batch {args.micro}, {args.epochs} epoch(s), "
+          f"{args.response_length} new tokens, bf16 autocast, {args.iterations} timed iterations, {os.cpu_count()} CPUs\n")
+    head = f"{'model':<9} {'system':<8} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<9} {r['system']:<8} failed: {r['error'][:80]}")
+            continue
+        share = lambda key: f"{100 * r[key] / r['seconds']:.0f}%" if r.get(key) is not None else "-"  # noqa: E731
+        print(f"{r['model']:<9} {r['system']:<8} {r['samples'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
+              f"{share('generate_s'):>9} {share('score_s'):>7} {share('train_s'):>7} {r['peak_rss_gb']:>12.2f}")
+    by = {(r["model"], r["system"]): r for r in rows if "error" not in r}
+    for model in args.models.split(","):
+        ours, theirs = by.get((model, "rlhfkit")), by.get((model, "trl"))
+        if ours and theirs:
+            speed = (ours["samples"] / ours["seconds"]) / (theirs["samples"] / theirs["seconds"])
+            print(f"{model}: rlhfkit/TRL samples/s = {speed:.2f}x, peak memory {ours['peak_rss_gb']:.2f} vs "
+                  f"{theirs['peak_rss_gb']:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from rlhfkit.eval.evaluate import run_eval
+from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.tiny import build_tiny_model
+
+from ..trainers.helpers import tiny_config, write_jsonl
+
+KEYS = ("gold_reward", "kl_to_reference", "win_rate_vs_reference", "response_length", "proxy_reward")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A second tiny model (another seed): a reference the policy really differs from."""
+    folder = tmp_path_factory.mktemp("other")
+    tokenizer = load_tokenizer("tiny")
+    build_tiny_model(tokenizer, seed=5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eval_writes_means_intervals_and_samples(tmp_path, other_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about {w}"} for w in "abcdef"])
+    out = tmp_path / "ev"
+    run_eval(tiny_config("eval", data=prompts, output_dir=out, ref_model=other_model, reward_model=other_model,
+                         samples_per_prompt=2, max_new_tokens=8, progress=False))
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 12 and result["n_prompts"] == 6
+    for key in KEYS:
+        lo, hi = result[f"{key}_ci95"]
+        assert lo <= result[f"{key}_mean"] <= hi, key
+    # Samples come from the policy, so the summed log-ratio estimates KL(policy || ref) > 0 for a different ref.
+    assert result["kl_to_reference_mean"] > 1.0
+    assert 0.0 <= result["win_rate_vs_reference_mean"] <= 1.0
+    assert 1 <= result["response_length_mean"] <= 8
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and {"prompt", "response", "gold", "kl", "reference_response", "proxy"} <= set(samples[0])
+    assert samples[0]["prompt"] == samples[1]["prompt"] == "Tell me about a"
+
+
+def test_eval_against_itself_has_zero_kl(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": "Good day"}])
+    out = tmp_path / "ev"
+    run_eval(tiny_config("eval", data=prompts, output_dir=out, samples_per_prompt=2, max_new_tokens=6, progress=False))
+    result = json.loads((out / "eval.json").read_text())
+    assert result["kl_to_reference_mean"] == 0.0 and result["kl_to_reference_ci95"] == [0.0, 0.0]
+    assert "proxy_reward_mean" not in result

@@ -1,0 +1,37 @@
+import json
+
+from rlhfkit.eval.report import build_summary, intervals_apart, write_report
+
+
+def fake_eval(folder, gold, gold_ci, kl):
+    folder.mkdir(parents=True)
+    result = {"n": 4, "n_prompts": 2, "samples_per_prompt": 2, "ref_model": "sft", "model": folder.name}
+    for key, mean, ci in (("gold_reward", gold, gold_ci), ("kl_to_reference", kl, [kl - 0.5, kl + 0.5]),
+                          ("win_rate_vs_reference", 0.5, [0.4, 0.6]), ("response_length", 20.0, [18.0, 22.0])):
+        result[f"{key}_mean"], result[f"{key}_ci95"] = mean, ci
+    (folder / "eval.json").write_text(json.dumps(result))
+    rows = [{"prompt": p, "response": f"{folder.name} says <hi>", "gold": gold} for p in ("a", "a", "b", "b")]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_summary_checks_and_report_page(tmp_path):
+    fake_eval(tmp_path / "eval" / "sft", 0.2, [0.15, 0.25], 0.0)
+    fake_eval(tmp_path / "eval" / "ppo", 0.5, [0.42, 0.58], 8.0)
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "objective/scores": s * 0.1, "objective/kl": s * 0.2, "ppo/clipfrac": 0.1}) + "\n"
+        for s in range(1, 6)))
+    summary = build_summary(tmp_path, kl_budget=5.0, timings={"sft": 10.0, "ppo": 50.0})
+    assert summary["checks"] == {"ppo_gold_above_sft": True, "ppo_kl_within_budget": False}
+    assert summary["total_s"] == 60.0
+    page = write_report(tmp_path, 5.0, {"sft": 10.0, "ppo": 50.0}).read_text()
+    assert page.count("data:image/png;base64,") == 2  # gold-vs-KL plane and the PPO curves
+    assert "0.500 <span class=ci>[0.420, 0.580]</span>" in page
+    assert "ppo says &lt;hi&gt;" in page and "<td class=prompt>b</td>" in page  # escaped, one row per prompt
+    assert json.loads((tmp_path / "summary.json").read_text())["checks"]["ppo_kl_within_budget"] is False
+
+
+def test_intervals_apart():
+    a = {"gold_reward_ci95": [0.3, 0.5]}
+    assert intervals_apart(a, {"gold_reward_ci95": [0.1, 0.29]})
+    assert not intervals_apart(a, {"gold_reward_ci95": [0.1, 0.31]})

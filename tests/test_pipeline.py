@@ -1,0 +1,42 @@
+"""`rlhfkit pipeline` / `rlhfkit demo`: config checks up front, the whole recipe, rerun skips finished stages."""
+
+import json
+
+import pytest
+
+from rlhfkit.cli import main
+from rlhfkit.errors import ConfigError
+from rlhfkit.pipeline import demo_path, load_pipeline, run_pipeline
+
+
+def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("output_dir: x\nstagez: [sft]\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: unknown key 'stagez'"):
+        load_pipeline(bad)
+    bad.write_text("output_dir: x\nstages: [sft, dance]\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: key 'stages'"):
+        load_pipeline(bad)
+    bad.write_text("output_dir: x\nsft:\n  max_steps: 3\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:4 \[sft\]: unknown key 'learning_rat'"):
+        load_pipeline(bad)
+    bad.write_text("output_dir: x\neval:\n  samples_per_prompt: many\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:3 \[eval\]: key 'samples_per_prompt': expected int"):
+        load_pipeline(bad)
+
+
+def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "tiny", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == {"sft", "ppo"}
+    assert set(summary["checks"]) == {"ppo_gold_above_sft", "ppo_kl_within_budget"}
+    assert summary["annotate"]["prompts"] == 16 and "accuracy" in summary["reward_model"]
+    assert set(summary["timings_s"]) == {"sft", "annotate", "reward", "ppo", "eval-sft", "eval-ppo"}
+    page = (out / "report.html").read_text()
+    assert "Before and after" in page and "PPO training curves" in page and "Sample generations" in page
+    for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
+        assert (out / stage / ".done").exists(), stage
+    capsys.readouterr()
+    run_pipeline(load_pipeline(demo_path("tiny"), {"output_dir": str(out)}))
+    assert capsys.readouterr().out.count("already done") == 6
