@@ -16,7 +16,20 @@ def test_layout_left_pads_prompts_and_right_pads_responses():
     assert batch.position_ids[1].tolist() == [0, 0, 0, 1, 2, 3]
     assert batch.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert batch.responses.tolist() == [[1, 2, 0], [3, 4, 9]]
-    assert batch.select([1]).input_ids.tolist() == [[0, 0, 8, 3, 4, 9]]
+    # A sub-batch drops the columns that are padding in all its rows (and keeps responses aligned).
+    short_prompt = batch.select([1])
+    assert short_prompt.input_ids.tolist() == [[8, 3, 4, 9]] and short_prompt.prompt_width == 1
+    assert short_prompt.position_ids.tolist() == [[0, 1, 2, 3]]
+    short_response = batch.select([0])
+    assert short_response.input_ids.tolist() == [[5, 6, 7, 1, 2]] and short_response.response_mask.tolist() == [[1, 1]]
+    assert batch.select([0, 1]).input_ids.tolist() == batch.input_ids.tolist()
+
+
+def test_micro_batches_group_similar_lengths_and_cover_all_rows():
+    batch = build_rollout_batch([[1], [1, 2, 3], [1], [1, 2, 3]], [[5], [5, 6, 7], [5], [5, 6, 7]], [True] * 4, 0)
+    chunks = list(batch.micro_batches(torch.tensor([0, 1, 2, 3]), 2))
+    assert sorted(sum((idx.tolist() for idx, _ in chunks), [])) == [0, 1, 2, 3]
+    assert [sub.input_ids.shape for _, sub in chunks] == [(2, 2), (2, 6)]
 
 
 def test_cut_at_eos_keeps_the_eos():

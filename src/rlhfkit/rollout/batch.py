@@ -36,10 +36,32 @@ class RolloutBatch:
         return self.input_ids.shape[0]
 
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
-        """The sub-batch of the given rows (same P and R, so tensors stay aligned)."""
+        """The sub-batch of the given rows, without the columns that are padding in all of them.
+
+        Leading prompt columns and trailing response columns that no selected row uses are cut, so a
+        sub-batch of short sequences costs what short sequences cost. Responses still start at column
+        P' = the sub-batch's own prompt width, and its R' <= R response columns are the first R' of the
+        full batch's: per-token tensors of the full batch are aligned by slicing them `[rows, :R']`.
+        """
         index = torch.as_tensor(rows, dtype=torch.long)
-        return RolloutBatch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
-                            self.response_mask[index], self.ended[index], self.prompt_width)
+        mask = self.attention_mask[index]
+        P = self.prompt_width
+        used = mask.any(dim=0)  # (P + R,) columns some selected row uses
+        first = int(used[:P].long().argmax()) if used[:P].any() else P - 1
+        response_used = used[P:].nonzero()
+        width = int(response_used[-1]) + 1 if len(response_used) else 1
+        cols = slice(first, P + width)
+        return RolloutBatch(self.input_ids[index][:, cols], mask[:, cols], self.position_ids[index][:, cols],
+                            self.response_mask[index][:, :width], self.ended[index], P - first)
+
+    def micro_batches(self, rows: torch.Tensor, size: int):
+        """Split `rows` into micro-batches of `size`, grouping rows of similar length so that trimming in
+        `select` removes most padding. Yields (row indices, trimmed sub-batch)."""
+        lengths = self.attention_mask[rows].sum(dim=1)
+        rows = rows[torch.argsort(lengths, stable=True)]
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            yield chunk, self.select(chunk)
 
 
 def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], ended: list[bool],

@@ -75,15 +75,14 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
         for start in range(0, B, config.mini_batch_size):
             rows = order[start:start + config.mini_batch_size]
             tokens = batch.response_mask[rows].sum().clamp(min=1.0)
-            for micro_start in range(0, len(rows), micro):
-                idx = rows[micro_start:micro_start + micro]
-                sub = batch.select(idx)
-                mask = sub.response_mask
+            for idx, sub in batch.micro_batches(rows, micro):
+                mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
+                width = mask.shape[1]
                 share = mask.sum() / tokens  # this micro-batch's part of the mini-batch's tokens
-                logits = response_logits(models.policy, sub)  # (b, R, V)
+                logits = response_logits(models.policy, sub)  # (b, R', V)
                 logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
                 policy_loss, p_metrics = ppo_policy_loss(
-                    logprobs, old["logprobs"][idx], advantages[idx], mask, clip_eps=config.clip_eps,
+                    logprobs, old["logprobs"][idx, :width], advantages[idx, :width], mask, clip_eps=config.clip_eps,
                     clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
                     dual_clip=config.dual_clip)
                 # The entropy needs a graph only when it is part of the loss.
@@ -92,8 +91,8 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
                 loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
                 (loss * share).backward()
                 values = response_values(models.critic, sub)
-                value_loss, v_metrics = ppo_value_loss(values, old["values"][idx], returns[idx], mask,
-                                                       config.value_clip)
+                value_loss, v_metrics = ppo_value_loss(values, old["values"][idx, :width], returns[idx, :width],
+                                                       mask, config.value_clip)
                 (value_loss * share).backward()
                 for key, value in {**p_metrics, **v_metrics, "ppo/entropy": entropy.detach(),
                                    "loss/policy": policy_loss.detach()}.items():
