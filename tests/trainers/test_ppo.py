@@ -54,13 +54,16 @@ def test_ppo_writes_policy_critic_metrics_and_samples(tmp_path, reward_folder, p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
-def test_ppo_raises_the_reward_model_score(tmp_path, reward_folder, prompts):
+def test_ppo_raises_the_reward_model_score(tmp_path, reward_folder):
+    """The policy learns to please a (random) reward model: the mean score of the last 5 iterations is
+    well above that of the first 5 (per-batch noise is about 0.5 here; the rise is about 1.6)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(32)])
     out = tmp_path / "ppo"
     run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
-                        max_steps=12, rollout_batch_size=16, mini_batch_size=8, learning_rate=3e-3,
-                        critic_learning_rate=3e-3, kl_coef=0.01, save_every=0, sample_every=0))
+                        max_steps=20, rollout_batch_size=32, mini_batch_size=16, learning_rate=1e-3,
+                        critic_learning_rate=1e-3, kl_coef=0.0, save_every=0, sample_every=0))
     scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.5, scores
+    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.8, scores
 
 
 @pytest.mark.parametrize("crash_step", [2, 3])

@@ -48,12 +48,19 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     generated = time.perf_counter()
     models.policy.eval()
-    logprobs, _ = response_logprobs(models.policy, batch, config.temperature)  # (B, R)
-    ref_logprobs, _ = response_logprobs(models.ref, batch, config.temperature)  # (B, R)
-    values = response_values(models.critic, batch)  # (B, R)
-    scores = models.reward(batch, [r["prompt"] for r in records], texts)  # (B,)
+    B, R = batch.response_mask.shape
+    tensors = {name: torch.zeros(B, R) for name in ("logprobs", "ref_logprobs", "values")}
+    tensors["scores"] = torch.zeros(B)
+    # Score in micro-batches of similar lengths: less padding, and memory bounded like the update's.
+    micro = config.mini_batch_size // config.gradient_accumulation_steps
+    for idx, sub in batch.micro_batches(torch.arange(B), micro):
+        width = sub.response_mask.shape[1]
+        tensors["logprobs"][idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
+        tensors["ref_logprobs"][idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
+        tensors["values"][idx, :width] = response_values(models.critic, sub)
+        tensors["scores"][idx] = models.reward(sub, [records[i]["prompt"] for i in idx.tolist()],
+                                               [texts[i] for i in idx.tolist()])
     scored = time.perf_counter()
-    tensors = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
     return batch, texts, tensors, {"time/rollout_s": generated - started, "time/score_s": scored - generated}
 
 
