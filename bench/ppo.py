@@ -64,7 +64,7 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     run_ppo(config)
     rows = read_metrics(work / "ours" / "metrics.jsonl")[1:]  # drop the warm-up iteration
     total = sum(r["time/step_s"] for r in rows)
-    return {"seconds": total, "samples": args.rollout * len(rows),
+    return {"seconds": total, "samples": args.rollout * len(rows), "marks": len(rows) + 1,
             "tokens": sum(r["response/length_mean"] * args.rollout for r in rows),
             "generate_s": sum(r["time/rollout_s"] for r in rows), "score_s": sum(r["time/score_s"] for r in rows),
             "train_s": sum(r["time/train_s"] for r in rows)}
@@ -92,8 +92,11 @@ def run_trl(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1)
     iterations = args.iterations + 1
     config = PPOConfig(
+        # TRL 1.12: rollout = per_device_train_batch_size x gradient_accumulation_steps; mini-batch = rollout /
+        # num_mini_batches; micro-batch = per_device_train_batch_size. (Its accelerator then steps the
+        # optimizer once per rollout/micro micro-batches; the forward/backward work is the same as ours.)
         output_dir=str(work / "trl"), per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=args.mini // args.micro, num_mini_batches=args.rollout // args.mini,
+        gradient_accumulation_steps=args.rollout // args.micro, num_mini_batches=args.rollout // args.mini,
         num_ppo_epochs=args.epochs, total_episodes=args.rollout * iterations, response_length=args.response_length,
         local_rollout_forward_batch_size=args.rollout, stop_token="eos", temperature=1.0, learning_rate=3e-6,
         num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=1, bf16=True, use_cpu=True,
@@ -127,7 +130,7 @@ def run_trl(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     torch.manual_seed(0)
     trainer.train()
     (t0, g0, n0), (t1, g1, n1) = marks[0], marks[-1]
-    return {"seconds": t1 - t0, "samples": args.rollout * (len(marks) - 1), "tokens": n1 - n0,
+    return {"seconds": t1 - t0, "samples": args.rollout * (len(marks) - 1), "tokens": n1 - n0, "marks": len(marks),
             "generate_s": g1 - g0, "score_s": None, "train_s": None}
 
 
