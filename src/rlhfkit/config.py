@@ -51,7 +51,28 @@ class RunConfig:
 
 
 @dataclass
-class TrainConfig(RunConfig):
+class OptimizerConfig:
+    learning_rate: float = opt(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.1, "Share of the optimizer steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm (of each trained model) to this (0: no clipping).")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = opt(1, "Write a metrics.jsonl row every N steps.")
+    save_every: int = opt(100, "Checkpoint every N steps (0: only at the end).")
+    keep_last_n: int = opt(2, "Checkpoints kept; older ones are deleted (0: keep all).")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class TrainConfig(LoggingConfig, OptimizerConfig, RunConfig):
     data: str | None = opt(None, "Training data: JSONL, Parquet or a `datasets` folder saved to disk.")
     eval_data: str | None = opt(None, "Held-out data; if unset, `eval_fraction` of --data is held out.")
     eval_fraction: float = opt(0.1, "Share of --data held out for evaluation when --eval-data is not given.")
@@ -60,21 +81,8 @@ class TrainConfig(RunConfig):
     max_steps: int = opt(0, "Optimizer steps to run (0: derived from num_epochs).")
     batch_size: int = opt(8, "Examples per micro-batch (one forward/backward).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
-    learning_rate: float = opt(1e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.1, "Share of the steps spent warming the learning rate up from 0.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
     eval_every: int = opt(50, "Evaluate every N optimizer steps (0: only at the end).")
     eval_batches: int = opt(0, "Evaluate on at most this many batches (0: the whole eval set).")
-    log_every: int = opt(1, "Write a metrics.jsonl row every N optimizer steps.")
-    save_every: int = opt(100, "Checkpoint every N optimizer steps (0: only at the end).")
-    keep_last_n: int = opt(2, "Checkpoints kept; older ones are deleted (0: keep all).")
-    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
-    progress: bool = opt(True, "Show a progress bar with loss and rate.")
 
 
 @dataclass
@@ -116,7 +124,7 @@ class AnnotateConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig(RunConfig):
+class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
     """PPO (actor-critic) against a reward model, with a per-token KL penalty to a frozen reference."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
@@ -135,13 +143,8 @@ class PPOConfig(RunConfig):
     top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; anything else makes the PPO ratio approximate).")
     learning_rate: float = opt(3e-6, "Policy learning rate (AdamW).")
     critic_learning_rate: float = opt(1e-5, "Critic learning rate (AdamW).")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.")
     lr_scheduler: str = opt("constant", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.0, "Share of the optimizer steps spent warming the learning rate up.")
-    max_grad_norm: float = opt(1.0, "Clip each model's gradient norm to this (0: no clipping).")
+    warmup_ratio: float = opt(0.0, "Share of the optimizer steps spent warming the learning rate up from 0.")
     kl_coef: float = opt(0.05, "beta in r_t = -beta * KL_t (+ RM score at the last token).")
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward.", choices=("k1", "k2", "k3", "abs"))
     adaptive_kl: bool = opt(False, "Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
@@ -163,11 +166,7 @@ class PPOConfig(RunConfig):
     gold_scorer: str | None = opt(None, "Also log a gold score of the samples ('vader' or 'module:function'): "
                                   "what the RM stands in for; never used for training.")
     sample_every: int = opt(10, "Log a table of sample generations every N iterations (0: never).")
-    log_every: int = opt(1, "Write a metrics.jsonl row every N iterations.")
     save_every: int = opt(50, "Checkpoint every N iterations (0: only at the end).")
-    keep_last_n: int = opt(2, "Checkpoints kept (0: keep all).")
-    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
-    progress: bool = opt(True, "Show a progress bar.")
 
 
 @dataclass
