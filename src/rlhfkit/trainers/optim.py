@@ -23,9 +23,12 @@ def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dic
     return [{"params": ps, "weight_decay": d, "lr": glr} for (d, glr), ps in groups.items()]
 
 
-def build_optimizer(model, config, lr_overrides: dict[str, float] | None = None) -> torch.optim.AdamW:
-    groups = param_groups(model.named_parameters(), config.weight_decay, config.learning_rate, lr_overrides)
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+def build_optimizer(model, config, lr_overrides: dict[str, float] | None = None,
+                    lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters with the config's settings; `lr` overrides its learning rate."""
+    lr = config.learning_rate if lr is None else lr
+    groups = param_groups(model.named_parameters(), config.weight_decay, lr, lr_overrides)
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
                              eps=config.adam_eps, foreach=False)
 
 

@@ -16,7 +16,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
-from rlhfkit.trainers.optim import build_scheduler, param_groups
+from rlhfkit.trainers.optim import build_optimizer, build_scheduler
 from rlhfkit.trainers.output_dir import save_hf_folder
 from rlhfkit.trainers.stage_data import embedded_prompts
 
@@ -82,9 +82,7 @@ def build_optimizers(models: PPOModels, config: PPOConfig) -> dict:
     out = {}
     for name, model, lr in (("policy", models.policy, config.learning_rate),
                             ("critic", models.critic, config.critic_learning_rate)):
-        groups = param_groups(model.named_parameters(), config.weight_decay, lr)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_eps, foreach=False)
+        optimizer = build_optimizer(model, config, lr=lr)
         out[f"{name}_optimizer"] = optimizer
         out[f"{name}_scheduler"] = build_scheduler(optimizer, config, steps)
     return out
