@@ -14,7 +14,6 @@ import torch
 from rlhfkit.annotate.gold import load_gold_scorer
 from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.config import AnnotateConfig
-from rlhfkit.data.loading import load_records
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -22,7 +21,7 @@ from rlhfkit.models.precision import autocast
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
-from rlhfkit.trainers.stage_data import embedded_prompts
+from rlhfkit.trainers.stage_data import prompt_records
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -33,9 +32,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def run_annotate(config: AnnotateConfig) -> Path:
     out = Path(config.output_dir or "runs/annotate")
-    records = load_records(config.data, "prompt") if config.data else embedded_prompts("train")
-    if config.num_prompts > 0:
-        records = records[:config.num_prompts]
+    records = prompt_records(config.data, "train", config.num_prompts)
     scorer = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)

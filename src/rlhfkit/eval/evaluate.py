@@ -22,7 +22,6 @@ import torch
 from rlhfkit.annotate.gold import load_gold_scorer
 from rlhfkit.config import EvalConfig
 from rlhfkit.core.stats import mean_ci95, win_rate
-from rlhfkit.data.loading import load_records
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -33,7 +32,7 @@ from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
-from rlhfkit.trainers.stage_data import embedded_prompts
+from rlhfkit.trainers.stage_data import prompt_records
 
 
 @torch.no_grad()
@@ -69,9 +68,7 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
 
 def run_eval(config: EvalConfig) -> Path:
     out = Path(config.output_dir or "runs/eval")
-    records = load_records(config.data, "prompt") if config.data else embedded_prompts("eval")
-    if config.num_prompts > 0:
-        records = records[:config.num_prompts]
+    records = prompt_records(config.data, "eval", config.num_prompts)
     gold = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code).eval()

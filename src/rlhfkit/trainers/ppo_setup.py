@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 
 from rlhfkit.config import PPOConfig
-from rlhfkit.data.loading import load_records
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.errors import UserError
@@ -18,7 +17,7 @@ from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
 from rlhfkit.trainers.output_dir import save_hf_folder
-from rlhfkit.trainers.stage_data import embedded_prompts
+from rlhfkit.trainers.stage_data import prompt_records
 
 
 @dataclass
@@ -45,7 +44,7 @@ class PPOModels:
 
 
 def load_prompts_for(config) -> list[dict]:
-    records = load_records(config.data, "prompt") if config.data else embedded_prompts("train")
+    records = prompt_records(config.data, "train")
     if not records:
         raise UserError("no prompts to train on")
     return records

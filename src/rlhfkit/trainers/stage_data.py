@@ -27,6 +27,12 @@ def embedded_prompts(split: str) -> list[dict]:
     return prompts
 
 
+def prompt_records(data: str | None, split: str, limit: int = 0) -> list[dict]:
+    """Prompt records from the user's file, else the embedded corpus's `split`; at most `limit` (0: all)."""
+    records = load_records(data, "prompt") if data else embedded_prompts(split)
+    return records[:limit] if limit > 0 else records
+
+
 def train_eval_records(config, kind: str) -> tuple[list[dict], list[dict]]:
     """(train, eval) records of `kind` for a training stage, validated; `max_samples` caps train."""
     if config.data is None:
