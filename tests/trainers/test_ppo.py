@@ -96,3 +96,33 @@ def test_first_update_sees_ratio_one_under_bf16(tmp_path, reward_folder, prompts
     assert row["ppo/clipfrac"] == 0.0
     assert row["ppo/approx_kl"] < 1e-4
     assert abs(row["ppo/ratio_mean"] - 1.0) < 1e-2
+
+
+def test_every_update_forward_sees_the_current_weights_under_bf16(tmp_path, monkeypatch, reward_folder, prompts):
+    """bf16 autocast caches the cast of each weight until its context exits. A context around the whole
+    update would make the forwards after the first optimizer step use the weights from before it (a bug
+    this test caught once): each training forward must equal a fresh forward of a copy of the weights."""
+    import copy
+
+    import rlhfkit.trainers.ppo as ppo_module
+    from rlhfkit.models.precision import autocast
+    from rlhfkit.rollout.scoring import response_logits
+
+    seen = []
+
+    def recording(model, sub):
+        logits = response_logits(model, sub)
+        if model.training:
+            seen.append((copy.deepcopy(model).eval(), sub, logits.detach().clone()))
+        return logits
+
+    monkeypatch.setattr(ppo_module, "response_logits", recording)
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=tmp_path / "ppo", progress=False,
+                        max_steps=1, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2,
+                        mixed_precision="bf16", save_every=0, sample_every=0))
+    assert len(seen) == 4  # 2 epochs x 2 mini-batches, one micro-batch each
+    for model, sub, logits in seen:
+        with torch.no_grad(), autocast("bf16"):
+            fresh = response_logits(model, sub)
+        assert torch.equal(fresh, logits)
+    assert not torch.equal(seen[0][0].model.embed_tokens.weight, seen[-1][0].model.embed_tokens.weight)

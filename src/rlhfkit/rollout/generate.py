@@ -50,7 +50,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     # than the softmax(logits / T) that PPO and the KL estimate score them under.
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = model.training
     model.eval()
     samples = []
@@ -61,7 +61,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         chunk = prompts[start:start + batch_size]
         batch = collate_prompts(chunk, tokenizer.pad_token_id)
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             generation_config=config, use_cache=True)
+                             generation_config=config)
         width = batch["input_ids"].shape[1]
         for prompt, row in zip(chunk, out[:, width:].tolist()):
             response, ended = cut_at_eos(row, eos)

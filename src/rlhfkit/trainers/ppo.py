@@ -86,7 +86,11 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
                 mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
                 width = mask.shape[1]
                 share = mask.sum() / tokens  # this micro-batch's part of the mini-batch's tokens
-                logits = response_logits(models.policy, sub)  # (b, R', V)
+                # Autocast per forward, never around the whole update: autocast caches the bf16 copy of
+                # each weight until its context exits, so a forward after an optimizer step inside one
+                # context would still see the weights from before the step.
+                with autocast(config.mixed_precision):
+                    logits = response_logits(models.policy, sub)  # (b, R', V)
                 logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
                 policy_loss, p_metrics = ppo_policy_loss(
                     logprobs, old["logprobs"][idx, :width], advantages[idx, :width], mask, clip_eps=config.clip_eps,
@@ -97,7 +101,8 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
                     entropy = masked_mean(entropy_from_logits(logits, config.temperature), mask)
                 loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
                 (loss * share).backward()
-                values = response_values(models.critic, sub)
+                with autocast(config.mixed_precision):
+                    values = response_values(models.critic, sub)
                 value_loss, v_metrics = ppo_value_loss(values, old["values"][idx, :width], returns[idx, :width],
                                                        mask, config.value_clip)
                 (value_loss * share).backward()
@@ -169,8 +174,7 @@ def run_ppo(config: PPOConfig) -> Path:
             advantages = whiten_advantages(advantages, mask)
         # 5. PPO epochs over mini-batches
         trained = time.perf_counter()
-        with autocast(config.mixed_precision):
-            metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
+        metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
         trained = time.perf_counter() - trained
         # 6. controller and logs
         kl_ctl.update(float(metrics["objective/kl"]), len(batch))
