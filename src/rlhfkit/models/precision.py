@@ -18,3 +18,25 @@ def autocast(mode: str, device_type: str = "cpu"):
     if mode == "no":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def autocast_paused(device_type: str = "cpu"):
+    """Autocast off inside an autocast context (for backward passes), keeping that context's cast cache."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def store_linears_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """For a frozen model that only ever runs under bf16 autocast: keep the weights autocast would cast anyway
+    (those of `nn.Linear` layers) in bf16 once, instead of casting them again at every forward.
+
+    Results are bitwise unchanged: autocast rounds an fp32 weight to bf16 exactly as this does. Autocast
+    caches casts only for weights that require grad, so a frozen model otherwise pays the full cast (about
+    60 ms for 135M parameters on 2 CPU cores) on every micro-batch, and it now takes half the memory.
+    Embeddings and norms stay fp32 (autocast runs them in fp32), and so does the LM head, which rlhfkit
+    applies in fp32 (see rollout/scoring.py), even when it is not tied to the embeddings.
+    """
+    keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in keep:
+            module.to(torch.bfloat16)
+    return model

@@ -24,7 +24,7 @@ from rlhfkit.core.masked import masked_mean
 from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhfkit.core.reward_shaping import shape_rewards
 from rlhfkit.errors import UserError
-from rlhfkit.models.precision import autocast
+from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
@@ -64,6 +64,32 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     return batch, texts, tensors, {"time/rollout_s": generated - started, "time/score_s": scored - generated}
 
 
+def _micro_batch_backward(models: PPOModels, sub, idx, old: dict, advantages, returns, share,
+                          config: PPOConfig) -> dict:
+    """Policy and value losses of one micro-batch, backpropagated with weight `share`; returns its metrics."""
+    mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
+    width = mask.shape[1]
+    logits = response_logits(models.policy, sub)  # (b, R', V), fp32
+    logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
+    policy_loss, p_metrics = ppo_policy_loss(
+        logprobs, old["logprobs"][idx, :width], advantages[idx, :width], mask, clip_eps=config.clip_eps,
+        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
+    # The entropy needs a graph only when it is part of the loss.
+    with torch.set_grad_enabled(config.entropy_coef > 0):
+        entropy = masked_mean(entropy_from_logits(logits, config.temperature), mask)
+    loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
+    # Backward as soon as each loss exists, so that only one model's graph is held at a time; backward runs
+    # in the dtypes the forward chose, and autocast must not recast it.
+    with autocast_paused():
+        (loss * share).backward()
+    values = response_values(models.critic, sub)
+    value_loss, v_metrics = ppo_value_loss(values, old["values"][idx, :width], returns[idx, :width], mask,
+                                           config.value_clip)
+    with autocast_paused():
+        (value_loss * share).backward()
+    return {**p_metrics, **v_metrics, "ppo/entropy": entropy.detach(), "loss/policy": policy_loss.detach()}
+
+
 def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages, returns, config: PPOConfig,
                generator: torch.Generator) -> dict:
     """Step 5: ppo_epochs passes of shuffled mini-batches; each mini-batch is one optimizer step per model.
@@ -82,33 +108,15 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
         for start in range(0, B, config.mini_batch_size):
             rows = order[start:start + config.mini_batch_size]
             tokens = batch.response_mask[rows].sum().clamp(min=1.0)
-            for idx, sub in batch.micro_batches(rows, micro):
-                mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
-                width = mask.shape[1]
-                share = mask.sum() / tokens  # this micro-batch's part of the mini-batch's tokens
-                # Autocast per forward, never around the whole update: autocast caches the bf16 copy of
-                # each weight until its context exits, so a forward after an optimizer step inside one
-                # context would still see the weights from before the step.
-                with autocast(config.mixed_precision):
-                    logits = response_logits(models.policy, sub)  # (b, R', V)
-                logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
-                policy_loss, p_metrics = ppo_policy_loss(
-                    logprobs, old["logprobs"][idx, :width], advantages[idx, :width], mask, clip_eps=config.clip_eps,
-                    clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
-                    dual_clip=config.dual_clip)
-                # The entropy needs a graph only when it is part of the loss.
-                with torch.set_grad_enabled(config.entropy_coef > 0):
-                    entropy = masked_mean(entropy_from_logits(logits, config.temperature), mask)
-                loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
-                (loss * share).backward()
-                with autocast(config.mixed_precision):
-                    values = response_values(models.critic, sub)
-                value_loss, v_metrics = ppo_value_loss(values, old["values"][idx, :width], returns[idx, :width],
-                                                       mask, config.value_clip)
-                (value_loss * share).backward()
-                for key, value in {**p_metrics, **v_metrics, "ppo/entropy": entropy.detach(),
-                                   "loss/policy": policy_loss.detach()}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * float(share)
+            # One autocast context per mini-batch, closed before the optimizer steps. Autocast keeps its bf16
+            # copy of each weight until its context exits: the micro-batches share one cast, and no forward
+            # after a step can see the weights from before it (a context around the whole update would).
+            with autocast(config.mixed_precision):
+                for idx, sub in batch.micro_batches(rows, micro):
+                    share = sub.response_mask.sum() / tokens  # this micro-batch's part of the mini-batch's tokens
+                    metrics = _micro_batch_backward(models, sub, idx, old, advantages, returns, share, config)
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * float(share)
             for name, model in (("policy", models.policy), ("critic", models.critic)):
                 params = [p for p in model.parameters() if p.requires_grad]
                 max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")

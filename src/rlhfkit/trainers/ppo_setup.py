@@ -13,6 +13,7 @@ from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.precision import store_linears_in_bf16
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
@@ -67,6 +68,9 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
                         f"critic (which reads the policy's tokens); use --critic-init policy")
     critic_from = config.reward_model if config.critic_init == "reward" else config.model
     critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+    if config.mixed_precision == "bf16":  # the frozen models run only under autocast (rollout_and_score)
+        store_linears_in_bf16(ref)
+        store_linears_in_bf16(reward_model)
     gold = None
     if config.gold_scorer:
         from rlhfkit.annotate.gold import load_gold_scorer
