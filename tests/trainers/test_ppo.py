@@ -55,15 +55,16 @@ def test_ppo_writes_policy_critic_metrics_and_samples(tmp_path, reward_folder, p
 
 
 def test_ppo_raises_the_reward_model_score(tmp_path, reward_folder):
-    """The policy learns to please a (random) reward model: the mean score of the last 5 iterations is
-    well above that of the first 5 (per-batch noise is about 0.5 here; the rise is about 1.6)."""
+    """The policy learns to please a (random) reward model. Batch means are noisy (std about 1.4 over 32
+    samples), so the test compares the first 5 iterations with the last 10 of 30: over seeds 0-3 they moved
+    from 0.3 to 5.2 on average, and the smallest rise was 4.2."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(32)])
     out = tmp_path / "ppo"
     run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
-                        max_steps=20, rollout_batch_size=32, mini_batch_size=16, learning_rate=1e-3,
+                        max_steps=30, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, learning_rate=1e-2,
                         critic_learning_rate=1e-3, kl_coef=0.0, save_every=0, sample_every=0))
     scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
-    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.8, scores
+    assert sum(scores[-10:]) / 10 > sum(scores[:5]) / 5 + 2.0, scores
 
 
 @pytest.mark.parametrize("crash_step", [2, 3])

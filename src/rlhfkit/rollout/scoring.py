@@ -27,13 +27,22 @@ def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
     policy (one batched at rollout, one per micro-batch) would differ from 1 by several percent.
     """
     R = batch.response_mask.shape[1]
-    if any(getattr(model.config, key, None) for key in _LOGIT_POSTPROCESSING):
+    if has_own_logit_path(model):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
         return out.logits[:, :-1].float()
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    hidden = hidden[:, -(R + 1):-1]  # (B, R, H): columns P-1 .. P+R-2
+    return lm_head_fp32(model, hidden[:, -(R + 1):-1])  # hidden columns P-1 .. P+R-2
+
+
+def has_own_logit_path(model) -> bool:
+    """True for models whose logits are more than `lm_head(hidden)` (soft-capping, scaling)."""
+    return any(getattr(model.config, key, None) for key in _LOGIT_POSTPROCESSING)
+
+
+def lm_head_fp32(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in fp32, also under autocast: (..., H) -> (..., V) float32."""
     head = model.get_output_embeddings()
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None

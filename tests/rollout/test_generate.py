@@ -1,0 +1,89 @@
+"""The decoding loop: the sampler draws from softmax(logits / T) (within top-p), and decoding with the KV
+cache, left padding and finished rows leaving the batch gives the tokens a full forward would choose."""
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.data.collate import collate_prompts
+from rlhfkit.rollout.generate import _decode, sample_from_logits, sample_responses
+
+
+def test_sampler_frequencies_match_softmax_at_the_temperature():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 2.0, 0.5, 3.0, -1.0])
+    n = 200_000
+    draws = sample_from_logits(logits.repeat(n, 1), temperature=0.7)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expected = torch.softmax(logits.double() / 0.7, dim=0)
+    # 5 standard errors of a binomial proportion
+    assert torch.all((freq - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (freq, expected)
+
+
+def test_sampler_top_p_keeps_the_nucleus_and_renormalises():
+    torch.manual_seed(1)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 100_000
+    draws = sample_from_logits(probs.log().repeat(n, 1), top_p=0.8)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    # Mass before token 2 is 0.8 >= top_p: tokens 0 and 1 are the nucleus, renormalised to 0.625 / 0.375.
+    assert freq[2] == 0 and freq[3] == 0
+    assert freq[0] == pytest.approx(0.625, abs=0.01)
+    # The most likely token is always kept, even when it alone exceeds top_p.
+    assert sample_from_logits(torch.tensor([[5.0, 0.0, 0.0]]), top_p=0.01).item() == 0
+
+
+def test_sampler_never_draws_a_zero_probability_token():
+    torch.manual_seed(2)
+    logits = torch.tensor([[0.0, -math.inf, 0.0, -math.inf]]).repeat(10_000, 1)
+    assert set(sample_from_logits(logits).tolist()) == {0, 2}
+
+
+def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving(tokenizer, tiny_model, monkeypatch):
+    """Every next-token distribution the loop samples from equals that of a full forward of the row's
+    unpadded prompt + tokens so far, including after finished rows leave the batch and the cache."""
+    import rlhfkit.rollout.generate as generate
+
+    calls = []
+
+    def recording(logits, temperature, top_p):
+        tokens = sample_from_logits(logits, temperature, top_p)
+        calls.append((logits.clone(), tokens.clone()))
+        return tokens
+
+    monkeypatch.setattr(generate, "sample_from_logits", recording)
+    torch.manual_seed(3)
+    prompts = [[500, 501, 502, 503, 504], [502], [600, 601], [700, 701, 702], [800, 801], [900]]
+    eos = set(range(0, 49152, 5))  # 1 token in 5 ends a response: rows finish at different steps
+    got = _decode(tiny_model.eval(), collate_prompts(prompts, tokenizer.pad_token_id), 8, 1.0, 1.0, eos)
+    current, finished, checked = list(range(len(prompts))), set(), 0
+    for step, (logits, tokens) in enumerate(calls):
+        if len(tokens) < len(current):  # the loop dropped the finished rows, keeping the others' order
+            current = [r for r in current if r not in finished]
+        assert len(tokens) == len(current)
+        for i, row in enumerate(current):
+            if row in finished:
+                continue
+            with torch.no_grad():
+                full = tiny_model(input_ids=torch.tensor([prompts[row] + got[row][:step]])).logits[0, -1]
+            assert torch.allclose(logits[i], full, atol=1e-4), (row, step)
+            assert got[row][step] == int(tokens[i])
+            checked += 1
+            if int(tokens[i]) in eos:
+                finished.add(row)
+    assert checked == sum(len(tokens) for tokens in got)
+    assert len({len(tokens) for tokens in got}) > 1 and any(len(c[1]) < len(prompts) for c in calls)
+    assert all((tokens[-1] in eos) or len(tokens) == 8 for tokens in got)
+
+
+def test_sampling_is_reproducible_and_flags_endings(tokenizer, tiny_model):
+    prompts = [[500, 501], [502], [503, 504, 505]]
+    torch.manual_seed(0)
+    first = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=7, temperature=0.9, batch_size=2)
+    torch.manual_seed(0)
+    again = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=7, temperature=0.9, batch_size=2)
+    assert [s.response_ids for s in first] == [s.response_ids for s in again]
+    assert [s.prompt_ids for s in first] == prompts
+    assert all(1 <= len(s.response_ids) <= 7 for s in first)
+    assert all(s.ended == (s.response_ids[-1] == tokenizer.eos_token_id) for s in first)
