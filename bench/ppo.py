@@ -58,7 +58,8 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
                      max_steps=args.iterations + 1, rollout_batch_size=args.rollout, mini_batch_size=args.mini,
                      gradient_accumulation_steps=args.mini // args.micro, ppo_epochs=args.epochs,
                      max_new_tokens=args.response_length, max_prompt_length=64, max_length=64 + args.response_length,
-                     mixed_precision="bf16", save_every=0, sample_every=0, progress=False, critic_init="reward")
+                     forward_batch_size=args.rollout, mixed_precision="bf16", save_every=0, sample_every=0,
+                     progress=False, critic_init="reward")
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
     run_ppo(config)

@@ -137,6 +137,9 @@ class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
     rollout_batch_size: int = opt(32, "Prompts sampled per iteration (one response each).")
     mini_batch_size: int = opt(8, "Samples per optimizer step within an iteration.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per mini-batch (micro = mini / accumulation).")
+    forward_batch_size: int = opt(0, "Samples per no-grad scoring forward after sampling (policy, reference, "
+                                     "critic, reward model); 0: the training micro-batch. Larger is faster and "
+                                     "takes more memory (TRL: local_rollout_forward_batch_size).")
     ppo_epochs: int = opt(2, "Passes over each rollout batch.")
     max_new_tokens: int = opt(48, "Most tokens generated per response.")
     temperature: float = opt(1.0, "Sampling temperature; the same temperature scores the log-probs.")
@@ -343,7 +346,8 @@ def validate(config) -> None:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
     nonneg = ("max_steps", "eval_every", "save_every", "keep_last_n", "max_samples", "num_prompts",
-              "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate")
+              "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate",
+              "forward_batch_size")
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")

@@ -52,7 +52,7 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     tensors = {name: torch.zeros(B, R) for name in ("logprobs", "ref_logprobs", "values")}
     tensors["scores"] = torch.zeros(B)
     # Score in micro-batches of similar lengths: less padding, and memory bounded like the update's.
-    micro = config.mini_batch_size // config.gradient_accumulation_steps
+    micro = config.forward_batch_size or config.mini_batch_size // config.gradient_accumulation_steps
     for idx, sub in batch.micro_batches(torch.arange(B), micro):
         width = sub.response_mask.shape[1]
         tensors["logprobs"][idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
