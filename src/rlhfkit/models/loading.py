@@ -78,7 +78,15 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote_code: bool = False):
+def attention_kernel(name: str) -> str:
+    """The transformers `attn_implementation` for a config value. 'auto' is eager: rlhfkit runs its models
+    on the CPU, where torch's flash-attention backward for short sequences costs more than the whole eager
+    attention (embedded model, 8 x 66 tokens: forward+backward 0.65 s eager, 0.90 s sdpa)."""
+    return "eager" if name == "auto" else name
+
+
+def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote_code: bool = False,
+                   attn_implementation: str = "auto"):
     """An `AutoModelForCausalLM` from a local folder, with dropout off (RL and RM training want
     deterministic forward passes: the ratio and the KL must compare the same function)."""
     from transformers import AutoModelForCausalLM
@@ -88,7 +96,8 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
         raise UserError(f"{folder}: no *.safetensors weights in this model folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+            folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
+            attn_implementation=attention_kernel(attn_implementation))
     except (ValueError, RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: cannot load the model: {first}") from exc

@@ -15,11 +15,11 @@ import torch
 
 from rlhfkit.core.positions import last_token_index
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import disable_dropout, resolve_model_path, torch_dtype
+from rlhfkit.models.loading import attention_kernel, disable_dropout, resolve_model_path, torch_dtype
 
 
 def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "float32",
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, attn_implementation: str = "auto"):
     """A scalar-head model from a reward-model folder, or a fresh head on a causal-LM folder's trunk."""
     from transformers import AutoModelForSequenceClassification
 
@@ -29,7 +29,7 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=True)
+            use_safetensors=True, attn_implementation=attention_kernel(attn_implementation))
     except (ValueError, RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: cannot load as a reward model: {first}") from exc

@@ -14,6 +14,7 @@ length would make the samples off-policy).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,22 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
     return [cut_at_eos(tokens, eos)[0] for tokens in responses]
 
 
+@contextmanager
+def _decoding_attention(model):
+    """sdpa while decoding from a KV cache, whatever the model trains with: eager attention copies the grouped
+    K/V heads of the whole cache at every step (embedded model: 3.1 s per rollout of 32 x 32 tokens, against
+    2.6 s with sdpa). Sampling is not scored, so the kernels need not match those of scoring."""
+    current = getattr(model.config, "_attn_implementation", None)
+    switch = current == "eager" and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(current)
+
+
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                      top_p: float = 1.0, batch_size: int = 32, progress: bool = False) -> list[Sample]:
     """One sampled response per prompt (repeat a prompt in `prompts` to get several)."""
@@ -117,10 +134,11 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     samples = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
-        chunk = prompts[start:start + batch_size]
-        batch = collate_prompts(chunk, tokenizer.pad_token_id)
-        for prompt, response in zip(chunk, _decode(model, batch, max_new_tokens, temperature, top_p, eos)):
-            samples.append(Sample(prompt, response, bool(response) and response[-1] in eos))
+    with _decoding_attention(model):
+        for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
+            chunk = prompts[start:start + batch_size]
+            batch = collate_prompts(chunk, tokenizer.pad_token_id)
+            for prompt, response in zip(chunk, _decode(model, batch, max_new_tokens, temperature, top_p, eos)):
+                samples.append(Sample(prompt, response, bool(response) and response[-1] in eos))
     model.train(was_training)
     return samples

@@ -55,19 +55,21 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
     if not config.reward_model:
         raise UserError("--reward-model is required: a folder written by `rlhfkit reward`")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
-    ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code)
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
+                         config.attn_implementation)
     ref.requires_grad_(False).eval()
     reward_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
     reward_model = load_reward_model(config.reward_model, reward_tokenizer.pad_token_id, config.dtype,
-                                     config.trust_remote_code)
+                                     config.trust_remote_code, config.attn_implementation)
     reward_model.requires_grad_(False).eval()
     scorer = RewardScorer(reward_model, reward_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
     if config.critic_init == "reward" and not scorer.reuse_ids:
         raise UserError(f"{config.reward_model}: the reward model has its own tokenizer, so it cannot start the "
                         f"critic (which reads the policy's tokens); use --critic-init policy")
     critic_from = config.reward_model if config.critic_init == "reward" else config.model
-    critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+    critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
+                               config.attn_implementation)
     if config.mixed_precision == "bf16":  # the frozen models run only under autocast (rollout_and_score)
         store_linears_in_bf16(ref)
         store_linears_in_bf16(reward_model)

@@ -84,7 +84,8 @@ def run_reward(config: RewardConfig) -> Path:
         rejected = scorer(prompts, [response_text(r["rejected"]) for r in eval_records])
         gold_diffs = [c - r for c, r in zip(chosen, rejected)]
     seed_everything(config.seed)  # the fresh scalar head is initialised from the RNG
-    model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code)
+    model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
+                              config.attn_implementation)
     prepare_output_dir(out, config)
 
     def collate(batch):

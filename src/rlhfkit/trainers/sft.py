@@ -57,7 +57,7 @@ def run_sft(config: SFTConfig) -> Path:
 
     train, evals = encode(train_records), encode(eval_records)
     seed_everything(config.seed)
-    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     prepare_output_dir(out, config)
 
     def collate(batch):
