@@ -8,7 +8,10 @@ Each (system, model) pair runs in its own Python process, so peak memory (max RS
 four models) is measured separately. Both systems get: the same policy (also the reference), the same reward
 model (the policy's trunk with a seeded random scalar head, also the critic's start), the same prompts
 (chatterbot, chat template), rollout batch, mini-batch, micro-batch, PPO epochs, response length, temperature
-1, bf16 autocast on CPU, and no evaluation or checkpoints. The first iteration warms up and is not timed.
+1, bf16 autocast on CPU, scoring forwards over the whole rollout, and no evaluation or checkpoints. The first
+iteration warms up and is not timed. TRL runs twice: as its users get it (sdpa attention, transformers' pick)
+and as `trl-eager`, with the eager attention rlhfkit picks on the CPU, so that the table shows how much of the
+difference is that one setting.
 """
 
 from __future__ import annotations
@@ -87,10 +90,13 @@ def run_trl(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     ids = [tokenize_prompt(tokenizer, r["prompt"], 64) for r in records]
     dataset = Dataset.from_dict({"input_ids": ids})
     folder = resolve_model_path(args.model)
-    policy = AutoModelForCausalLM.from_pretrained(folder)
-    ref = AutoModelForCausalLM.from_pretrained(folder)
-    value = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1)
-    reward = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1)
+    # "trl" is TRL as its users run it (transformers picks sdpa attention); "trl-eager" gives it the eager
+    # attention that rlhfkit uses on the CPU, to show how much of the difference that choice alone makes.
+    attention = {"attn_implementation": "eager"} if args.system == "trl-eager" else {}
+    policy = AutoModelForCausalLM.from_pretrained(folder, **attention)
+    ref = AutoModelForCausalLM.from_pretrained(folder, **attention)
+    value = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1, **attention)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm_folder, num_labels=1, **attention)
     iterations = args.iterations + 1
     config = PPOConfig(
         # TRL 1.12: rollout = per_device_train_batch_size x gradient_accumulation_steps; mini-batch = rollout /
@@ -151,7 +157,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,embedded")
-    parser.add_argument("--systems", default="rlhfkit,trl")
+    parser.add_argument("--systems", default="rlhfkit,trl,trl-eager")
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations (after one warm-up)")
     parser.add_argument("--rollout", type=int, default=32)
     parser.add_argument("--mini", type=int, default=16)
@@ -186,23 +192,24 @@ def main() -> None:
                 rows.append({"model": model, "system": system, **json.loads(line[7:])})
     print(f"\nPPO, rollout {args.rollout}, mini-batch {args.mini}, micro-batch {args.micro}, {args.epochs} epoch(s), "
           f"{args.response_length} new tokens, bf16 autocast, {args.iterations} timed iterations, {os.cpu_count()} CPUs\n")
-    head = f"{'model':<9} {'system':<8} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
+    head = f"{'model':<9} {'system':<9} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<9} {r['system']:<8} failed: {r['error'][:80]}")
+            print(f"{r['model']:<9} {r['system']:<9} failed: {r['error'][:80]}")
             continue
         share = lambda key: f"{100 * r[key] / r['seconds']:.0f}%" if r.get(key) is not None else "-"  # noqa: E731
-        print(f"{r['model']:<9} {r['system']:<8} {r['samples'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
+        print(f"{r['model']:<9} {r['system']:<9} {r['samples'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
               f"{share('generate_s'):>9} {share('score_s'):>7} {share('train_s'):>7} {r['peak_rss_gb']:>12.2f}")
     by = {(r["model"], r["system"]): r for r in rows if "error" not in r}
     for model in args.models.split(","):
-        ours, theirs = by.get((model, "rlhfkit")), by.get((model, "trl"))
-        if ours and theirs:
-            speed = (ours["samples"] / ours["seconds"]) / (theirs["samples"] / theirs["seconds"])
-            print(f"{model}: rlhfkit/TRL samples/s = {speed:.2f}x, peak memory {ours['peak_rss_gb']:.2f} vs "
-                  f"{theirs['peak_rss_gb']:.2f} GB")
+        for other in ("trl", "trl-eager"):
+            ours, theirs = by.get((model, "rlhfkit")), by.get((model, other))
+            if ours and theirs:
+                speed = (ours["samples"] / ours["seconds"]) / (theirs["samples"] / theirs["seconds"])
+                print(f"{model}: rlhfkit/{other} samples/s = {speed:.2f}x, peak memory {ours['peak_rss_gb']:.2f} "
+                      f"vs {theirs['peak_rss_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

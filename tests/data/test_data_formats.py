@@ -150,8 +150,19 @@ def test_ranking_subset_and_responses(tmp_path):
     assert out["ranking"] == [2, 0]
     msg = error_for(tmp_path, {"prompt": "p", "responses": ["a"], "ranking": [0, 1]}, "ranking")
     assert msg.endswith("field 'responses': needs at least 2 responses, got 1")
-    msg = error_for(tmp_path, {"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}, "ranking")
-    assert msg.endswith("field 'responses[1]': must not be empty")
+    msg = error_for(tmp_path, {"prompt": "p", "responses": ["a", 3], "ranking": [0, 1]}, "ranking")
+    assert msg.endswith("field 'responses[1]': must be a string or a list of assistant messages, got a number")
+
+
+def test_compared_responses_may_be_empty_but_completions_and_prompts_may_not(tmp_path):
+    """A policy that ends its turn at once gives an empty response: annotators rank it like any other."""
+    out = validate_record({"prompt": "p", "responses": ["a", ""], "ranking": [1, 0]}, "ranking", "f", 1)
+    assert out["responses"] == ["a", ""]
+    out = validate_record({"prompt": "p", "chosen": "yes", "rejected": ""}, "preference", "f", 1)
+    assert out["rejected"] == ""
+    assert error_for(tmp_path, {"prompt": "p", "completion": " "}, "sft").endswith("'completion': must not be empty")
+    assert error_for(tmp_path, {"prompt": "", "chosen": "a", "rejected": "b"},
+                     "preference").endswith("'prompt': must not be empty")
 
 
 @pytest.mark.parametrize("margin, message", [

@@ -102,10 +102,13 @@ def _prompt(value, field: str, where: _Where):
     return messages
 
 
-def _response(value, field: str, where: _Where, conversational: bool):
-    """A string, or (after a conversational prompt only) a list of assistant messages."""
+def _response(value, field: str, where: _Where, conversational: bool, may_be_empty: bool = False):
+    """A string, or (after a conversational prompt only) a list of assistant messages.
+
+    `may_be_empty`: a compared response (preference, ranking) may be the empty string, for a model that
+    ended its turn at once is a real outcome to rank; a completion to imitate (SFT) may not."""
     if isinstance(value, str):
-        return _text(value, field, where)
+        return value if may_be_empty and not value.strip() else _text(value, field, where)
     if not isinstance(value, (list, tuple)):
         where.fail(field, f"must be a string or a list of assistant messages, got {_type_name(value)}")
     if not conversational:
@@ -152,8 +155,8 @@ def _preference(record: dict, where: _Where) -> dict:
     prompt = _prompt(record["prompt"], "prompt", where)
     conversational = isinstance(prompt, list)
     out = {"prompt": prompt,
-           "chosen": _response(record["chosen"], "chosen", where, conversational),
-           "rejected": _response(record["rejected"], "rejected", where, conversational)}
+           "chosen": _response(record["chosen"], "chosen", where, conversational, may_be_empty=True),
+           "rejected": _response(record["rejected"], "rejected", where, conversational, may_be_empty=True)}
     margin = record.get("margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
@@ -172,7 +175,7 @@ def _ranking(record: dict, where: _Where) -> dict:
         where.fail("responses", f"must be a list of responses, got {_type_name(responses)}")
     if len(responses) < 2:
         where.fail("responses", f"needs at least 2 responses, got {len(responses)}")
-    responses = [_response(r, f"responses[{i}]", where, isinstance(prompt, list))
+    responses = [_response(r, f"responses[{i}]", where, isinstance(prompt, list), may_be_empty=True)
                  for i, r in enumerate(responses)]
     ranking = record["ranking"]
     if not isinstance(ranking, (list, tuple)):
