@@ -20,6 +20,11 @@ def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
     bad.write_text("output_dir: x\nsft:\n  max_steps: 3\n  learning_rat: 0.1\n")
     with pytest.raises(ConfigError, match=r"p.yaml:4 \[sft\]: unknown key 'learning_rat'"):
         load_pipeline(bad)
+    bad.write_text("output_dir: x\nkeep_checkpoints: 1\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: key 'keep_checkpoints': expected bool, got 1"):
+        load_pipeline(bad)
+    bad.write_text("output_dir: x\nkeep_checkpoints: true\n")
+    assert load_pipeline(bad).keep_checkpoints is True
     bad.write_text("output_dir: x\neval:\n  samples_per_prompt: many\n")
     with pytest.raises(ConfigError, match=r"p.yaml:3 \[eval\]: key 'samples_per_prompt': expected int"):
         load_pipeline(bad)
@@ -37,6 +42,9 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert "Before and after" in page and "PPO training curves" in page and "Sample generations" in page
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
+    # Finished stages keep their models but not their checkpoints (keep_checkpoints is false by default).
+    for stage in ("sft", "reward", "ppo"):
+        assert (out / stage / "model.safetensors").exists() and not (out / stage / "checkpoints").exists(), stage
     capsys.readouterr()
     run_pipeline(load_pipeline(demo_path("tiny"), {"output_dir": str(out)}))
     assert capsys.readouterr().out.count("already done") == 6

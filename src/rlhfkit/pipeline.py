@@ -6,6 +6,7 @@
     mixed_precision: bf16          # applied to every stage unless a section says otherwise
     gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
     kl_budget: 15.0                # nats per response; the summary checks the PPO policy against it
+    keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
     stages: [sft, annotate, reward, ppo, eval]
     sft: {max_steps: 40}           # any field of that stage's config
     annotate: {num_prompts: 128}
@@ -21,6 +22,7 @@ pipeline is run again, so an interrupted pipeline continues where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from rlhfkit.errors import ConfigError
 
 ALL_STAGES = ("sft", "annotate", "reward", "ppo", "eval")
 TOP_LEVEL = {"output_dir": str, "model": str, "seed": int, "mixed_precision": str, "gold_scorer": str,
-             "kl_budget": float, "stages": list}
+             "kl_budget": float, "keep_checkpoints": bool, "stages": list}
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Pipeline:
     mixed_precision: str = "no"
     gold_scorer: str = "vader"
     kl_budget: float = 15.0
+    keep_checkpoints: bool = False
     stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
     sections: dict[str, dict] = field(default_factory=dict)
     where: dict[str, dict] = field(default_factory=dict)  # stage -> key -> "file:line" for error messages
@@ -68,7 +71,12 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
         if kind is None or kind is list:
             raise ConfigError(f"--{key.replace('_', '-')}: not a pipeline setting (use the YAML file's sections)")
         try:
-            values[key] = kind(text) if isinstance(text, str) and kind is not str else text
+            if kind is bool and isinstance(text, str):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                values[key] = text.lower() == "true"
+            else:
+                values[key] = kind(text) if isinstance(text, str) and kind is not str else text
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
     pipe = Pipeline(output_dir=Path(values.get("output_dir") or "runs/pipeline"))
@@ -93,7 +101,8 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
             pipe.output_dir = Path(str(value))
         else:
             kind = TOP_LEVEL[key]
-            if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
+            wrong_bool = isinstance(value, bool) != (kind is bool)  # YAML true/false only for a bool key
+            if wrong_bool or not isinstance(value, (kind, int) if kind is float else kind):
                 raise ConfigError(f"{where}: key '{key}': expected {kind.__name__}, got {value!r}")
             setattr(pipe, key, kind(value))
     if pipe.mixed_precision not in ("no", "bf16"):
@@ -164,6 +173,10 @@ def run_pipeline(pipe: Pipeline) -> Path:
         timings[name] = time.perf_counter() - started
         timing_file.write_text(json.dumps(timings, indent=2))
         done.write_text("")
+        if not pipe.keep_checkpoints:
+            # A finished stage's folder already holds its model; the checkpoints add a model and optimizer
+            # state per stage (about 2 GB for the embedded default) that only a resume would read.
+            shutil.rmtree(Path(config.output_dir) / "checkpoints", ignore_errors=True)
     from rlhfkit.eval.report import write_report
 
     write_report(out, pipe.kl_budget, timings)
