@@ -45,6 +45,7 @@ policy_options = st.fixed_dictionaries(
         "clip_eps_high": st.one_of(st.none(), st.floats(0.0, 0.5)),
         "dual_clip": st.one_of(st.none(), st.floats(1.5, 5)),
         "aggregation": st.sampled_from(AGGREGATIONS),
+        "max_tokens": st.integers(1, 8),  # used by seq-mean-token-sum-norm only
     }
 )
 
@@ -58,18 +59,31 @@ def with_garbage(x, mask, seed):
 # Naive loop references -----------------------------------------------------------------------------------
 
 
-def loop_aggregate(losses, mask, aggregation):
+def loop_aggregate(losses, mask, aggregation, max_tokens=None):
     rows = [[v for v, m in zip(lr, mr) if m] for lr, mr in zip(losses, mask.tolist())]
     if aggregation == "token-mean":
         tokens = [v for row in rows for v in row]
         return sum(tokens) / len(tokens) if tokens else 0.0
+    if aggregation == "seq-mean-token-sum-norm":
+        # every row counts, empty ones included: each token weighs 1 / (B * max_tokens)
+        per_row = [sum(row) / max_tokens for row in rows]
+        return sum(per_row) / len(per_row) if per_row else 0.0
     rows = [row for row in rows if row]
     per_row = [sum(row) if aggregation == "seq-mean-token-sum" else sum(row) / len(row) for row in rows]
     return sum(per_row) / len(per_row) if per_row else 0.0
 
 
 def loop_policy(
-    logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_low, clip_eps_high, dual_clip, aggregation
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    clip_eps,
+    clip_eps_low,
+    clip_eps_high,
+    dual_clip,
+    aggregation,
+    max_tokens=None,
 ):
     low = clip_eps if clip_eps_low is None else clip_eps_low
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -90,7 +104,7 @@ def loop_policy(
                 ratios.append(ratio)
         losses.append(row)
     n = max(len(ratios), 1)
-    return loop_aggregate(losses, mask, aggregation), {
+    return loop_aggregate(losses, mask, aggregation, max_tokens), {
         "ppo/clipfrac": sum(clipped) / n,
         "ppo/approx_kl": sum(kls) / n,
         "ppo/ratio_mean": sum(ratios) / n,
@@ -203,8 +217,47 @@ def test_aggregations_by_hand():
     assert aggregate_loss(losses, mask, "token-mean").item() == pytest.approx(2.5)
     assert aggregate_loss(losses, mask, "seq-mean-token-sum").item() == pytest.approx(5.0)
     assert aggregate_loss(losses, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)
+    # seq-mean-token-sum-norm with max_tokens 4: every row counts, the empty one too:
+    # (6 / 4 + 4 / 4 + 0 / 4) / 3 = 2.5 / 3
+    assert aggregate_loss(losses, mask, "seq-mean-token-sum-norm", max_tokens=4).item() == pytest.approx(
+        2.5 / 3
+    )
+    # max_tokens is ignored by the other modes
+    assert aggregate_loss(losses, mask, "token-mean", max_tokens=4).item() == pytest.approx(2.5)
     for name in AGGREGATIONS:
-        assert aggregate_loss(losses, torch.zeros_like(mask), name).item() == 0.0
+        assert aggregate_loss(losses, torch.zeros_like(mask), name, max_tokens=4).item() == 0.0
+
+
+def test_token_sum_norm_has_no_length_bias_by_hand():
+    # One response of 1 token and one of 4, every token loss 1, max_tokens 4. The original GRPO mean
+    # (seq-mean-token-mean) gives the short response's token weight 1/2 and each long one's 1/8; the
+    # normalised sum gives every token 1 / (2 * 4) = 1/8, so the loss is 5/8 and the gradient uniform.
+    losses = torch.ones(2, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    loss = aggregate_loss(losses, mask, "seq-mean-token-sum-norm", max_tokens=4)
+    assert loss.item() == pytest.approx(5 / 8)
+    loss.backward()
+    torch.testing.assert_close(losses.grad, mask.to(torch.float64) / 8)
+    losses.grad = None
+    aggregate_loss(losses, mask, "seq-mean-token-mean").backward()
+    torch.testing.assert_close(losses.grad, f64([[0.5, 0, 0, 0], [0.125, 0.125, 0.125, 0.125]]))
+
+
+def test_token_sum_norm_needs_max_tokens():
+    losses, mask = f64([[1.0, 2.0]]), torch.ones(1, 2)
+    for bad in [None, 0, -3, 2.5, True]:
+        with pytest.raises(ValueError, match="max_tokens"):
+            aggregate_loss(losses, mask, "seq-mean-token-sum-norm", max_tokens=bad)
+    with pytest.raises(ValueError, match="max_tokens"):
+        ppo_policy_loss(LOGPROBS, ZEROS, ADV, ALL, aggregation="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="max_tokens"):
+        ppo_value_loss(ZEROS, ZEROS, ADV, ALL, aggregation="seq-mean-token-sum-norm")
+    # forwarded by both losses: 0.15 * 4 tokens / (1 row * 8) = 0.075
+    loss, _ = ppo_policy_loss(LOGPROBS, ZEROS, ADV, ALL, aggregation="seq-mean-token-sum-norm", max_tokens=8)
+    assert loss.item() == pytest.approx(0.075)
+    # value loss: 0.5 * (4 real tokens, each (0 - (+-1))^2 = 1) / (1 row * 4) = 0.5
+    v_loss, _ = ppo_value_loss(ZEROS, ZEROS, ADV, ALL, aggregation="seq-mean-token-sum-norm", max_tokens=4)
+    assert v_loss.item() == pytest.approx(0.5 * 4 / 4)
 
 
 def test_value_loss_by_hand():
@@ -366,7 +419,8 @@ def test_on_policy_loss_is_minus_mean_advantage(batch, opts):
     # ratio = 1 everywhere: nothing is clipped, loss = aggregate(-A), gradient d/dlp = -A weighted as the loss
     lp, adv, mask = batch
     loss, metrics = ppo_policy_loss(lp, lp.clone(), adv, mask, **opts)
-    assert loss.item() == pytest.approx(aggregate_loss(-adv, mask, opts["aggregation"]).item(), abs=1e-12)
+    expected = aggregate_loss(-adv, mask, opts["aggregation"], opts["max_tokens"])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
     assert metrics["ppo/clipfrac"].item() == 0.0 and metrics["ppo/approx_kl"].item() == 0.0
     assert metrics["ppo/ratio_mean"].item() == (1.0 if mask.any() else 0.0)
 
@@ -375,10 +429,57 @@ def test_on_policy_loss_is_minus_mean_advantage(batch, opts):
 @given(batches(n=2), st.sampled_from(AGGREGATIONS))
 def test_value_loss_without_clipping_is_half_mse(batch, aggregation):
     values, returns, mask = batch
-    loss, _ = ppo_value_loss(values, values + 7.0, returns, mask, None, aggregation)
+    loss, _ = ppo_value_loss(values, values + 7.0, returns, mask, None, aggregation, max_tokens=5)
     assert loss.item() == pytest.approx(
-        0.5 * aggregate_loss((values - returns) ** 2, mask, aggregation).item(), abs=1e-12
+        0.5 * aggregate_loss((values - returns) ** 2, mask, aggregation, max_tokens=5).item(), abs=1e-12
     )
+
+
+@SETTINGS
+@given(batches(n=1), st.sampled_from(AGGREGATIONS), st.integers(1, 8))
+def test_aggregate_matches_loop(batch, aggregation, max_tokens):
+    losses, mask = batch
+    assert aggregate_loss(losses, mask, aggregation, max_tokens).item() == pytest.approx(
+        loop_aggregate(losses.tolist(), mask, aggregation, max_tokens), abs=1e-12
+    )
+
+
+@SETTINGS
+@given(batches(n=1), st.sampled_from(AGGREGATIONS), st.integers(1, 8), st.integers(0, 1000))
+def test_aggregate_masked_garbage_changes_nothing(batch, aggregation, max_tokens, seed):
+    losses, mask = batch
+    dirty = with_garbage(losses, mask, seed).requires_grad_(True)
+    clean = losses.clone().requires_grad_(True)
+    dirty_loss = aggregate_loss(dirty, mask, aggregation, max_tokens)
+    clean_loss = aggregate_loss(clean, mask, aggregation, max_tokens)
+    assert torch.equal(dirty_loss.detach(), clean_loss.detach())
+    dirty_loss.backward()
+    clean_loss.backward()
+    assert torch.equal(dirty.grad, clean.grad) and (dirty.grad[~mask] == 0).all()
+
+
+@SETTINGS
+@given(batches(n=2), st.integers(1, 8))
+def test_token_sum_norm_halves_average_to_full_batch_for_any_masks(batch, max_tokens):
+    # The constant denominator makes this hold for any two equal-height halves, whatever their masks
+    # (token-mean and the other seq-means need matched token or row counts, see the next test).
+    x1, x2, m1 = batch
+    m2 = m1.flip(1) & torch.rand(m1.shape, generator=torch.Generator().manual_seed(m1.numel())).lt(0.5)
+    mode = "seq-mean-token-sum-norm"
+    full = aggregate_loss(torch.cat([x1, x2]), torch.cat([m1, m2]), mode, max_tokens)
+    halves = (aggregate_loss(x1, m1, mode, max_tokens) + aggregate_loss(x2, m2, mode, max_tokens)) / 2
+    assert full.item() == pytest.approx(halves.item(), abs=1e-12)
+
+
+@SETTINGS
+@given(batches(n=1))
+def test_token_sum_norm_equals_the_means_for_full_length_rows(batch):
+    # Every row has exactly max_tokens real tokens: all the per-token weights are 1 / (B * max_tokens).
+    losses, _ = batch
+    mask = torch.ones_like(losses, dtype=torch.bool)
+    norm = aggregate_loss(losses, mask, "seq-mean-token-sum-norm", max_tokens=losses.shape[1])
+    for name in ["token-mean", "seq-mean-token-mean"]:
+        assert norm.item() == pytest.approx(aggregate_loss(losses, mask, name).item(), abs=1e-12)
 
 
 @SETTINGS
@@ -390,8 +491,8 @@ def test_halves_average_to_full_batch(batch, aggregation, rng):
     order = list(range(m1.shape[0]))
     rng.shuffle(order)
     m2 = m1[order]
-    full = aggregate_loss(torch.cat([x1, x2]), torch.cat([m1, m2]), aggregation)
-    halves = (aggregate_loss(x1, m1, aggregation) + aggregate_loss(x2, m2, aggregation)) / 2
+    full = aggregate_loss(torch.cat([x1, x2]), torch.cat([m1, m2]), aggregation, max_tokens=6)
+    halves = (aggregate_loss(x1, m1, aggregation, 6) + aggregate_loss(x2, m2, aggregation, 6)) / 2
     assert full.item() == pytest.approx(halves.item(), abs=1e-12)
 
 

@@ -5,7 +5,10 @@ a model, does I/O or talks to other processes.
 """
 
 from .bradley_terry import bradley_terry_loss, pairwise_accuracy
+from .dpo import DPO_LOSSES, dpo_loss, implicit_rewards, sequence_logps
 from .gae import gae_advantages, whiten_advantages
+from .group_advantages import GROUP_ADVANTAGES, grpo_advantages, rloo_advantages
+from .grpo_loss import grpo_policy_loss
 from .kl import KL_ESTIMATORS, kl_penalty
 from .kl_controller import (
     KL_CONTROLLERS,
@@ -27,6 +30,8 @@ from .reward_shaping import shape_rewards
 from .sft_loss import completion_nll_loss
 
 __all__ = [
+    "DPO_LOSSES",
+    "GROUP_ADVANTAGES",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
@@ -37,9 +42,13 @@ __all__ = [
     "bradley_terry_loss",
     "build_kl_controller",
     "completion_nll_loss",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae_advantages",
+    "grpo_advantages",
+    "grpo_policy_loss",
+    "implicit_rewards",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
@@ -49,6 +58,8 @@ __all__ = [
     "pairwise_accuracy",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rloo_advantages",
+    "sequence_logps",
     "shape_rewards",
     "shift_for_causal_lm",
     "whiten_advantages",

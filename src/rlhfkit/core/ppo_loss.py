@@ -15,6 +15,18 @@ max above is unbounded in ``rho_t``:
     loss_t = min(loss_t, -A_t * c)   for A_t < 0, with c > 1.
 
 The per-token losses are reduced to a scalar by one of :data:`LOSS_AGGREGATIONS` (shared with GRPO).
+With ``l_{i,t}`` the loss of token ``t`` of response ``i``, ``|o_i|`` its number of real tokens, ``B'`` the
+number of non-empty responses, ``B`` the number of rows and ``L`` the generation length limit:
+
+    token-mean               sum_{i,t} l_{i,t} / sum_i |o_i|
+    seq-mean-token-sum       (1 / B') sum_i sum_t l_{i,t}
+    seq-mean-token-mean      (1 / B') sum_i (1 / |o_i|) sum_t l_{i,t}        (the original GRPO)
+    seq-mean-token-sum-norm  (1 / B)  sum_i (1 / L) sum_t l_{i,t}            (Dr. GRPO)
+
+The last is Dr. GRPO's (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective",
+sec. 3.1): the ``1 / |o_i|`` of the original GRPO gives the tokens of short responses larger gradients, so
+a correct (positive-advantage) answer is pushed to be short and a wrong one to be long; dividing by the
+constant ``L`` instead weights every token by the same ``1 / (B L)``, whatever the lengths in the batch.
 """
 
 from __future__ import annotations
@@ -42,15 +54,19 @@ _MAX_LOG_RATIO = 20.0
 
 # Loss aggregation ---------------------------------------------------------------------------------------
 #
-# Each takes per-token losses ``(B, T)`` and a bool ``keep`` ``(B, T)`` and returns a 0-dim loss. They
-# differ in how much weight a token gets: token-mean weights every real token of the batch equally (long
-# responses count more; DAPO's choice); seq-mean-token-mean weights every response equally, so a token
-# of a short response counts more (the original GRPO); seq-mean-token-sum weights every response by its
-# length, summing rather than averaging inside a response. Rows without real tokens are not responses:
-# the seq-mean variants average over rows with at least one real token (0 if there are none).
+# Each takes per-token losses ``(B, T)``, a bool ``keep`` ``(B, T)`` and ``max_tokens`` (used only by
+# seq-mean-token-sum-norm, which needs the constant) and returns a 0-dim loss. They differ in how much
+# weight a token gets: token-mean weights every real token of the batch equally (long responses count
+# more; DAPO's choice); seq-mean-token-mean weights every response equally, so a token of a short response
+# counts more (the original GRPO); seq-mean-token-sum weights every response by its length, summing rather
+# than averaging inside a response; seq-mean-token-sum-norm is seq-mean-token-sum divided by the constant
+# ``max_tokens`` (Dr. GRPO). Rows without real tokens are not responses: seq-mean-token-sum and
+# seq-mean-token-mean average over rows with at least one real token (0 if there are none).
+# seq-mean-token-sum-norm averages over all B rows, as Dr. GRPO's code does (an empty row adds 0), so its
+# token weight 1 / (B * max_tokens) is a constant of the batch shape and does not move with the masks.
 
 
-def _token_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
     return masked_mean(losses, keep)
 
 
@@ -58,34 +74,59 @@ def _nonempty_row_mean(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     return masked_mean(per_row, keep.any(dim=1))
 
 
-def _seq_mean_token_sum(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _seq_mean_token_sum(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
     return _nonempty_row_mean(masked_sum(losses, keep, dim=1), keep)
 
 
-def _seq_mean_token_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _seq_mean_token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
     return _nonempty_row_mean(masked_mean(losses, keep, dim=1), keep)
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _seq_mean_token_sum_norm(
+    losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None
+) -> torch.Tensor:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(
+            "aggregation 'seq-mean-token-sum-norm' needs max_tokens, the generation length limit, as an "
+            f"int >= 1; got {max_tokens!r}"
+        )
+    # mean_i (sum_t l_it / max_tokens) = (sum of all real tokens) / (B * max_tokens); 0 for an empty batch.
+    return masked_sum(losses, keep) / (max(losses.shape[0], 1) * max_tokens)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
     "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
 
 
-def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+def aggregate_loss(
+    losses: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token-mean",
+    max_tokens: int | None = None,
+) -> torch.Tensor:
     """Reduce per-token losses ``(B, T)`` over the real tokens (``mask`` nonzero) to a 0-dim loss.
 
     ``aggregation`` is a key of :data:`LOSS_AGGREGATIONS`: ``"token-mean"`` (mean over all real tokens),
-    ``"seq-mean-token-sum"`` (sum within each response, mean over responses) or ``"seq-mean-token-mean"``
-    (mean within each response, mean over responses). Entries where ``mask`` is 0 may be NaN/inf.
+    ``"seq-mean-token-sum"`` (sum within each response, mean over responses), ``"seq-mean-token-mean"``
+    (mean within each response, mean over responses) or ``"seq-mean-token-sum-norm"`` (sum within each
+    response divided by the constant ``max_tokens``, mean over all ``B`` rows; Dr. GRPO). Entries where
+    ``mask`` is 0 may be NaN/inf.
+
+    ``max_tokens`` is the generation length limit (``max_new_tokens``), an int >= 1. It is required by
+    ``"seq-mean-token-sum-norm"`` (ValueError without it) and ignored by the other modes. It should be the
+    same constant for every batch of a run, not the padded width ``T`` of one batch, or the token weights
+    vary again; a response longer than ``max_tokens`` is not an error, it just weighs more than 1 / B.
     """
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
     if losses.dim() != 2 or losses.shape != mask.shape:
         raise ValueError(f"losses {tuple(losses.shape)} and mask {tuple(mask.shape)} must be the same (B, T)")
     keep = mask if mask.dtype == torch.bool else mask != 0
-    return LOSS_AGGREGATIONS[aggregation](losses, keep)
+    return LOSS_AGGREGATIONS[aggregation](losses, keep, max_tokens)
 
 
 # Losses -------------------------------------------------------------------------------------------------
@@ -113,6 +154,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate loss (optionally clip-higher and dual-clip).
 
@@ -127,6 +169,8 @@ def ppo_policy_loss(
         clip_eps_high: ratio upper bound is ``1 + clip_eps_high``; ``None`` means ``clip_eps``.
         dual_clip: ``c > 1`` bounding the loss of negative-advantage tokens by ``-A * c``; ``None`` off.
         aggregation: a key of :data:`LOSS_AGGREGATIONS`.
+        max_tokens: the generation length limit; required by ``"seq-mean-token-sum-norm"``, ignored by
+            the other aggregations (see :func:`aggregate_loss`).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor. ``metrics`` holds detached 0-dim tensors, each a
@@ -164,7 +208,7 @@ def ppo_policy_loss(
         dual_bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (dual_bound < token_losses)
         token_losses = torch.where(dual_active, dual_bound, token_losses)
-    loss = aggregate_loss(token_losses, keep, aggregation)
+    loss = aggregate_loss(token_losses, keep, aggregation, max_tokens)
 
     with torch.no_grad():
         metrics = {
@@ -184,6 +228,7 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip_range_value: float | None = 0.2,
     aggregation: str = "token-mean",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss of PPO2 (OpenAI baselines), as in TRL and OpenRLHF.
 
@@ -198,6 +243,8 @@ def ppo_value_loss(
         mask: ``(B, T)`` bool or numeric, nonzero on real response tokens; NaN/inf elsewhere is ignored.
         clip_range_value: ``c >= 0``; ``None`` disables clipping (plain ``0.5 * MSE``).
         aggregation: a key of :data:`LOSS_AGGREGATIONS` (``"token-mean"`` is the formula above).
+        max_tokens: the generation length limit; required by ``"seq-mean-token-sum-norm"``, ignored by
+            the other aggregations (see :func:`aggregate_loss`).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor; ``metrics`` holds detached 0-dim tensors
@@ -219,7 +266,7 @@ def ppo_value_loss(
         values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
         vf_clipped = (values_clipped - returns).square()
         token_losses, clipped = torch.maximum(vf_unclipped, vf_clipped), vf_clipped > vf_unclipped
-    loss = 0.5 * aggregate_loss(token_losses, keep, aggregation)
+    loss = 0.5 * aggregate_loss(token_losses, keep, aggregation, max_tokens)
 
     with torch.no_grad():
         metrics = {
