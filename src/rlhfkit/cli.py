@@ -18,6 +18,7 @@ stages:
   annotate   sample K responses per prompt and rank them with a simulated annotator -> preference pairs
   reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
   ppo        fine-tune the policy with PPO against the reward model, KL-penalised to a reference
+  dpo        fine-tune the policy directly on preference pairs (DPO, cDPO, IPO): no reward model, no sampling
   eval       sample on held-out prompts: gold and proxy reward, KL to the reference, win rate -> eval.json
   pipeline   all of the above from one YAML file, then report.html and summary.json
   demo       the pipeline on the embedded default (`--preset tiny`: a tiny model, about a minute)
@@ -32,6 +33,7 @@ RUNNERS = {
     "annotate": ("rlhfkit.annotate.stage", "run_annotate"),
     "reward": ("rlhfkit.trainers.reward", "run_reward"),
     "ppo": ("rlhfkit.trainers.ppo", "run_ppo"),
+    "dpo": ("rlhfkit.trainers.dpo", "run_dpo"),
     "eval": ("rlhfkit.eval.evaluate", "run_eval"),
 }
 

@@ -107,6 +107,20 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs: no reward model, no sampling."""
+
+    learning_rate: float = opt(1e-6, "Peak learning rate of AdamW.")
+    beta: float = opt(0.1, "Strength of the implicit KL to the reference (DPO's beta; IPO's tau).")
+    loss_type: str = opt("sigmoid", "'sigmoid' (DPO; with label_smoothing, conservative DPO) or 'ipo'.",
+                         choices=("sigmoid", "ipo"))
+    label_smoothing: float = opt(0.0, "Assumed label-flip rate in [0, 0.5) for conservative DPO (sigmoid only).")
+    ref_model: str | None = opt(None, "Frozen reference model folder (default: the starting model).")
+    precompute_ref_logprobs: bool = opt(False, "Score every pair with the reference once before training, then "
+                                        "free it: no second model in memory while training.")
+
+
+@dataclass
 class AnnotateConfig(RunConfig):
     """Sample K responses per prompt, rank them with a simulated annotator, write rankings and pairs."""
 
@@ -194,7 +208,8 @@ class EvalConfig(RunConfig):
     progress: bool = opt(True, "Show a progress bar.")
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig, "ppo": PPOConfig, "eval": EvalConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig, "ppo": PPOConfig,
+                           "dpo": DPOConfig, "eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------------------------------

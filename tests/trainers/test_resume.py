@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.trainers import loop
 from rlhfkit.trainers.metrics_log import MetricsLog, read_metrics
+from rlhfkit.trainers.dpo import run_dpo
 from rlhfkit.trainers.reward import run_reward
 from rlhfkit.trainers.sft import run_sft
 
@@ -36,10 +37,11 @@ STAGES = {
     "sft": (run_sft, lambda tmp: write_jsonl(tmp / "d.jsonl", [{"prompt": f"Q{i}", "completion": f"A {i % 7}"}
                                                                 for i in range(20)])),
     "reward": (run_reward, lambda tmp: write_jsonl(tmp / "d.jsonl", keyword_pairs(40, seed=5))),
+    "dpo": (run_dpo, lambda tmp: write_jsonl(tmp / "d.jsonl", keyword_pairs(40, seed=5))),
 }
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 @pytest.mark.parametrize("crash_step", [4, 5])
 def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, stage, crash_step):
     run, make_data = STAGES[stage]

@@ -26,14 +26,19 @@ def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
     significant digits, and the PPO ratio exp(logp_new - logp_old) of two bf16 computations of the same
     policy (one batched at rollout, one per micro-batch) would differ from 1 by several percent.
     """
-    R = batch.response_mask.shape[1]
+    return tail_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                       batch.response_mask.shape[1])
+
+
+def tail_logits(model, input_ids, attention_mask, position_ids, R: int) -> torch.Tensor:
+    """fp32 logits that predict the last R tokens of each (left-padded) row: (B, R, V)."""
     if has_own_logit_path(model):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=R + 1, use_cache=False)
         return out.logits[:, :-1].float()
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    return lm_head_fp32(model, hidden[:, -(R + 1):-1])  # hidden columns P-1 .. P+R-2
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    return lm_head_fp32(model, hidden[:, -(R + 1):-1])  # hidden columns T-R-1 .. T-2
 
 
 def has_own_logit_path(model) -> bool:

@@ -1,0 +1,117 @@
+"""DPO: the policy trained directly on (prompt, chosen, rejected) pairs against a frozen reference.
+
+Each step: sequence log-probs of the chosen and rejected responses under the policy (one forward over the
+2B rows of a pair batch) and under the reference (a frozen model, or numbers computed once before training
+with `precompute_ref_logprobs`), then `core.dpo.dpo_loss`. The shared supervised loop does the rest
+(accumulation, clipping, schedule, evaluation, checkpoints, resume).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import DPOConfig
+from rlhfkit.core.dpo import dpo_loss, sequence_logps
+from rlhfkit.core.logprobs import logprobs_from_logits
+from rlhfkit.data.collate import collate_pairs
+from rlhfkit.data.tokenize import tokenize_preference
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.precision import autocast, store_linears_in_bf16
+from rlhfkit.rollout.scoring import tail_logits
+from rlhfkit.trainers.loop import SupervisedTask, run_supervised
+from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.trainers.stage_data import train_eval_records
+
+
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and rejected halves of a `collate_pairs` batch: (B,), (B,).
+
+    Left padding puts every response at the end of its row, so only the last R columns (R = the longest
+    response) go through the LM head."""
+    R = int(batch["response_mask"].sum(dim=1).max())
+    logits = tail_logits(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], R)  # (2B, R, V)
+    token_logps = logprobs_from_logits(logits, batch["input_ids"][:, -R:])  # (2B, R)
+    logps = sequence_logps(token_logps, batch["response_mask"][:, -R:])  # (2B,)
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+def reference_logps(ref, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's pair log-probs: precomputed numbers carried by the batch, else a no-grad forward."""
+    if "ref_chosen" in batch:
+        return batch["ref_chosen"], batch["ref_rejected"]
+    with torch.no_grad():
+        return pair_logps(ref, batch)
+
+
+def precompute_reference(ref, examples: list[dict], collate, batch_size: int, mixed_precision: str) -> None:
+    """Store the reference's log-probs of each pair in its example (`ref_chosen`, `ref_rejected`)."""
+    with torch.no_grad(), autocast(mixed_precision):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            chosen, rejected = pair_logps(ref, collate(chunk))
+            for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                example["ref_chosen"], example["ref_rejected"] = c, r
+
+
+def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict:
+    """Held-out DPO loss, implicit-reward accuracy and margin, averaged over pairs."""
+    totals: dict[str, float] = {}
+    seen = 0
+    for n, start in enumerate(range(0, len(examples), config.batch_size)):
+        if config.eval_batches and n >= config.eval_batches:
+            break
+        batch = collate(examples[start:start + config.batch_size])
+        chosen, rejected = pair_logps(model, batch)
+        loss, metrics = dpo_loss(chosen, rejected, *reference_logps(ref, batch), beta=config.beta,
+                                 loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        size = chosen.shape[0]
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * size
+        seen += size
+    return {key.removeprefix("dpo/"): value / max(seen, 1) for key, value in totals.items()}
+
+
+def run_dpo(config: DPOConfig) -> Path:
+    out = resolve_output_dir(config, "dpo")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    train_records, eval_records = train_eval_records(config, "preference")
+    train, evals = [[tokenize_preference(tokenizer, r, config.max_prompt_length, config.max_length,
+                                         config.use_chat_template) for r in records]
+                    for records in (train_records, eval_records)]
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
+                         config.attn_implementation)
+    ref.requires_grad_(False).eval()
+    if config.mixed_precision == "bf16":  # the reference runs only under autocast
+        store_linears_in_bf16(ref)
+    prepare_output_dir(out, config)
+
+    def collate(batch):
+        collated = collate_pairs(batch, tokenizer.pad_token_id)
+        if all("ref_chosen" in example for example in batch):
+            collated["ref_chosen"] = torch.tensor([example["ref_chosen"] for example in batch])
+            collated["ref_rejected"] = torch.tensor([example["ref_rejected"] for example in batch])
+        return collated
+
+    if config.precompute_ref_logprobs:
+        precompute_reference(ref, train + evals, collate, config.batch_size, config.mixed_precision)
+        ref = None  # freed: training holds one model
+
+    def loss_fn(model, batch: dict, normaliser: float):
+        chosen, rejected = pair_logps(model, batch)
+        loss, metrics = dpo_loss(chosen, rejected, *reference_logps(ref, batch), beta=config.beta,
+                                 loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        # dpo_loss averages over this micro-batch's pairs; rescale so that the micro-batches of one
+        # accumulation window add up to the mean over all of its pairs.
+        return loss * (chosen.shape[0] / normaliser), metrics
+
+    task = SupervisedTask(
+        model=model, train_examples=train, collate=collate, loss=loss_fn,
+        units=lambda batch: batch["input_ids"].shape[0] // 2,
+        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        evaluate=(lambda: evaluate_dpo(model, ref, evals, collate, config)) if evals else None)
+    run_supervised(task, config, out, "dpo")
+    return out
