@@ -5,13 +5,18 @@
     python bench/ppo.py --models tiny --iterations 3
 
 Each (system, model) pair runs in its own Python process, so peak memory (max RSS, which includes loading the
-four models) is measured separately. Both systems get: the same policy (also the reference), the same reward
+four models) is measured separately. Every system gets: the same policy (also the reference), the same reward
 model (the policy's trunk with a seeded random scalar head, also the critic's start), the same prompts
 (chatterbot, chat template), rollout batch, mini-batch, micro-batch, PPO epochs, response length, temperature
 1, bf16 autocast on CPU, scoring forwards over the whole rollout, and no evaluation or checkpoints. The first
-iteration warms up and is not timed. TRL runs twice: as its users get it (sdpa attention, transformers' pick)
-and as `trl-eager`, with the eager attention rlhfkit picks on the CPU, so that the table shows how much of the
-difference is that one setting.
+iteration warms up and is not timed.
+
+- `rlhfkit`: the defaults; the policy's old log-probs come from a scoring forward, so the first update's
+  ratio is exactly 1.
+- `rlhfkit-sampled`: `logprobs_from_sampling`, which takes them from the sampling pass, as TRL's PPO does.
+- `trl`: TRL as its users get it (sdpa attention, transformers' pick).
+- `trl-eager`: TRL with the eager attention rlhfkit picks on the CPU, to show how much of the difference
+  that one setting makes.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
                      gradient_accumulation_steps=args.mini // args.micro, ppo_epochs=args.epochs,
                      max_new_tokens=args.response_length, max_prompt_length=64, max_length=64 + args.response_length,
                      forward_batch_size=args.rollout, mixed_precision="bf16", save_every=0, sample_every=0,
-                     progress=False, critic_init="reward")
+                     progress=False, critic_init="reward",
+                     logprobs_from_sampling=args.system == "rlhfkit-sampled")
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
     run_ppo(config)
@@ -149,7 +155,7 @@ def worker(args) -> None:
     quiet_transformers()
     work = Path(args.work)
     rm_folder, prompts = work / "rm", work / "prompts.jsonl"
-    result = (run_ours if args.system == "rlhfkit" else run_trl)(args, rm_folder, prompts, work)
+    result = (run_ours if args.system.startswith("rlhfkit") else run_trl)(args, rm_folder, prompts, work)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result))
 
@@ -157,7 +163,7 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,embedded")
-    parser.add_argument("--systems", default="rlhfkit,trl,trl-eager")
+    parser.add_argument("--systems", default="rlhfkit,rlhfkit-sampled,trl,trl-eager")
     parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations (after one warm-up)")
     parser.add_argument("--rollout", type=int, default=32)
     parser.add_argument("--mini", type=int, default=16)
@@ -192,24 +198,25 @@ def main() -> None:
                 rows.append({"model": model, "system": system, **json.loads(line[7:])})
     print(f"\nPPO, rollout {args.rollout}, mini-batch {args.mini}, micro-batch {args.micro}, {args.epochs} epoch(s), "
           f"{args.response_length} new tokens, bf16 autocast, {args.iterations} timed iterations, {os.cpu_count()} CPUs\n")
-    head = f"{'model':<9} {'system':<9} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
+    head = f"{'model':<9} {'system':<15} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<9} {r['system']:<9} failed: {r['error'][:80]}")
+            print(f"{r['model']:<9} {r['system']:<15} failed: {r['error'][:80]}")
             continue
         share = lambda key: f"{100 * r[key] / r['seconds']:.0f}%" if r.get(key) is not None else "-"  # noqa: E731
-        print(f"{r['model']:<9} {r['system']:<9} {r['samples'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
+        print(f"{r['model']:<9} {r['system']:<15} {r['samples'] / r['seconds']:>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
               f"{share('generate_s'):>9} {share('score_s'):>7} {share('train_s'):>7} {r['peak_rss_gb']:>12.2f}")
     by = {(r["model"], r["system"]): r for r in rows if "error" not in r}
     for model in args.models.split(","):
-        for other in ("trl", "trl-eager"):
-            ours, theirs = by.get((model, "rlhfkit")), by.get((model, other))
-            if ours and theirs:
-                speed = (ours["samples"] / ours["seconds"]) / (theirs["samples"] / theirs["seconds"])
-                print(f"{model}: rlhfkit/{other} samples/s = {speed:.2f}x, peak memory {ours['peak_rss_gb']:.2f} "
-                      f"vs {theirs['peak_rss_gb']:.2f} GB")
+        for mine in ("rlhfkit", "rlhfkit-sampled"):
+            for other in ("trl", "trl-eager"):
+                ours, theirs = by.get((model, mine)), by.get((model, other))
+                if ours and theirs:
+                    speed = (ours["samples"] / ours["seconds"]) / (theirs["samples"] / theirs["seconds"])
+                    print(f"{model}: {mine}/{other} samples/s = {speed:.2f}x, peak memory "
+                          f"{ours['peak_rss_gb']:.2f} vs {theirs['peak_rss_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
     rollout_batch_size: int = opt(32, "Prompts sampled per iteration (one response each).")
     mini_batch_size: int = opt(8, "Samples per optimizer step within an iteration.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per mini-batch (micro = mini / accumulation).")
+    logprobs_from_sampling: bool = opt(False, "Take the policy's old log-probs from the sampling pass (as TRL's PPO "
+                                       "does) instead of a scoring forward: one forward fewer per iteration, but "
+                                       "the first update's ratio is no longer exactly 1, since sampling runs other "
+                                       "kernels (KV cache, sdpa) and the KL penalty then mixes the two paths.")
     forward_batch_size: int = opt(0, "Samples per no-grad scoring forward after sampling (policy, reference, "
                                      "critic, reward model); 0: the training micro-batch. Larger is faster and "
                                      "takes more memory (TRL: local_rollout_forward_batch_size).")

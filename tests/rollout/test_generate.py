@@ -56,7 +56,7 @@ def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving
     torch.manual_seed(3)
     prompts = [[500, 501, 502, 503, 504], [502], [600, 601], [700, 701, 702], [800, 801], [900]]
     eos = set(range(0, 49152, 5))  # 1 token in 5 ends a response: rows finish at different steps
-    got = _decode(tiny_model.eval(), collate_prompts(prompts, tokenizer.pad_token_id), 8, 1.0, 1.0, eos)
+    got, got_logprobs = _decode(tiny_model.eval(), collate_prompts(prompts, tokenizer.pad_token_id), 8, 1.0, 1.0, eos)
     current, finished, checked = list(range(len(prompts))), set(), 0
     for step, (logits, tokens) in enumerate(calls):
         if len(tokens) < len(current):  # the loop dropped the finished rows, keeping the others' order
@@ -69,10 +69,12 @@ def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving
                 full = tiny_model(input_ids=torch.tensor([prompts[row] + got[row][:step]])).logits[0, -1]
             assert torch.allclose(logits[i], full, atol=1e-4), (row, step)
             assert got[row][step] == int(tokens[i])
+            # the sampling pass's log-prob of the token is that of the full forward
+            assert got_logprobs[row][step] == pytest.approx(float(torch.log_softmax(full, -1)[got[row][step]]), abs=1e-4)
             checked += 1
             if int(tokens[i]) in eos:
                 finished.add(row)
-    assert checked == sum(len(tokens) for tokens in got)
+    assert checked == sum(len(tokens) for tokens in got) == sum(len(lp) for lp in got_logprobs)
     assert len({len(tokens) for tokens in got}) > 1 and any(len(c[1]) < len(prompts) for c in calls)
     assert all((tokens[-1] in eos) or len(tokens) == 8 for tokens in got)
 

@@ -127,3 +127,16 @@ def test_every_update_forward_sees_the_current_weights_under_bf16(tmp_path, monk
             fresh = response_logits(model, sub)
         assert torch.equal(fresh, logits)
     assert not torch.equal(seen[0][0].model.embed_tokens.weight, seen[-1][0].model.embed_tokens.weight)
+
+
+def test_old_logprobs_from_sampling_match_scoring_in_fp32(tmp_path, reward_folder, prompts):
+    """With logprobs_from_sampling the policy is not scored again: in fp32 the sampling pass's log-probs
+    equal a full forward's to ~1e-6, so the first update still sees a ratio of 1 and the KL to the
+    (identical) reference is ~0."""
+    out = tmp_path / "ppo"
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
+                        max_steps=2, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1,
+                        logprobs_from_sampling=True, save_every=0, sample_every=0))
+    first = read_metrics(out / "metrics.jsonl")[0]
+    assert first["ppo/clipfrac"] == 0.0 and first["ppo/approx_kl"] < 1e-8
+    assert abs(first["objective/kl"]) < 1e-4

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_prompts
 from rlhfkit.rollout.scoring import has_own_logit_path, lm_head_fp32
 
@@ -28,6 +29,9 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     ended: bool  # True when the response finished with EOS within the length limit
+    # log softmax(logits / T) of each response token as the sampling pass computed it (full distribution,
+    # before top-p), aligned with response_ids
+    logprobs: list[float] | None = None
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -79,19 +83,22 @@ def _next_logits(model, input_ids, attention_mask, position_ids, cache):
 
 @torch.no_grad()
 def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: float,
-            eos: set[int]) -> list[list[int]]:
-    """Token lists (cut after EOS) for one left-padded batch of prompts."""
+            eos: set[int]) -> tuple[list[list[int]], list[list[float]]]:
+    """Token lists (cut after EOS) for one left-padded batch of prompts, and their sampling log-probs."""
     B = batch["input_ids"].shape[0]
     responses: list[list[int]] = [[] for _ in range(B)]
     eos_tensor = torch.tensor(sorted(eos))
     attention_mask, position_ids = batch["attention_mask"], batch["position_ids"]
+    logprobs: list[list[float]] = [[] for _ in range(B)]
     logits, cache = _next_logits(model, batch["input_ids"], attention_mask, position_ids, None)
     position_ids = position_ids[:, -1:]  # (b, 1)
     rows = torch.arange(B)  # original row of each row still decoding
     for step in range(max_new_tokens):
         tokens = sample_from_logits(logits, temperature, top_p)  # (b,)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
+        token_logprobs = logprobs_from_logits(logits[:, None], tokens[:, None], temperature)[:, 0]  # (b,)
+        for row, token, logprob in zip(rows.tolist(), tokens.tolist(), token_logprobs.tolist()):
             responses[row].append(token)
+            logprobs[row].append(logprob)
         if step == max_new_tokens - 1:
             break
         alive = ~torch.isin(tokens, eos_tensor)  # (b,)
@@ -105,7 +112,8 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids + 1
         logits, cache = _next_logits(model, tokens[:, None], attention_mask, position_ids, cache)
-    return [cut_at_eos(tokens, eos)[0] for tokens in responses]
+    cut = [cut_at_eos(tokens, eos)[0] for tokens in responses]
+    return cut, [row[:len(tokens)] for row, tokens in zip(logprobs, cut)]
 
 
 @contextmanager
@@ -138,7 +146,8 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]
             batch = collate_prompts(chunk, tokenizer.pad_token_id)
-            for prompt, response in zip(chunk, _decode(model, batch, max_new_tokens, temperature, top_p, eos)):
-                samples.append(Sample(prompt, response, bool(response) and response[-1] in eos))
+            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos)
+            for prompt, response, logprob in zip(chunk, responses, logprobs):
+                samples.append(Sample(prompt, response, bool(response) and response[-1] in eos, logprob))
     model.train(was_training)
     return samples

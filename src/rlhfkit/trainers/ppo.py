@@ -53,9 +53,13 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     tensors["scores"] = torch.zeros(B)
     # Score in micro-batches of similar lengths: less padding, and memory bounded like the update's.
     micro = config.forward_batch_size or config.mini_batch_size // config.gradient_accumulation_steps
+    if config.logprobs_from_sampling:
+        for i, sample in enumerate(samples):
+            tensors["logprobs"][i, :len(sample.logprobs)] = torch.tensor(sample.logprobs)
     for idx, sub in batch.micro_batches(torch.arange(B), micro):
         width = sub.response_mask.shape[1]
-        tensors["logprobs"][idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
+        if not config.logprobs_from_sampling:
+            tensors["logprobs"][idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
         tensors["ref_logprobs"][idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
         tensors["values"][idx, :width] = response_values(models.critic, sub)
         tensors["scores"][idx] = models.reward(sub, [records[i]["prompt"] for i in idx.tolist()],
