@@ -62,7 +62,7 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     from rlhfkit.trainers.metrics_log import read_metrics
     from rlhfkit.trainers.ppo import run_ppo
 
-    overrides = dict(model=args.model, reward_model=rm_folder, data=prompts, output_dir=work / "ours",
+    overrides = dict(model=args.model, reward_model=rm_folder, data=prompts, output_dir=work / args.system,
                      max_steps=args.iterations + 1, rollout_batch_size=args.rollout, mini_batch_size=args.mini,
                      gradient_accumulation_steps=args.mini // args.micro, ppo_epochs=args.epochs,
                      max_new_tokens=args.response_length, max_prompt_length=64, max_length=64 + args.response_length,
@@ -72,7 +72,7 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
     run_ppo(config)
-    rows = read_metrics(work / "ours" / "metrics.jsonl")[1:]  # drop the warm-up iteration
+    rows = read_metrics(work / args.system / "metrics.jsonl")[1:]  # drop the warm-up iteration
     total = sum(r["time/step_s"] for r in rows)
     return {"seconds": total, "samples": args.rollout * len(rows), "marks": len(rows) + 1,
             "tokens": sum(r["response/length_mean"] * args.rollout for r in rows),
