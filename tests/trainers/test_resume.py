@@ -76,3 +76,59 @@ def test_resume_without_checkpoints_starts_fresh_and_refuses_to_mix_runs(tmp_pat
     assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 2
     with pytest.raises(UserError, match="already holds checkpoints"):
         run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=2, progress=False))
+
+
+def test_checkpoints_carry_a_manifest_of_sizes_and_checksums(tmp_path):
+    import hashlib
+    import json
+
+    data = STAGES["sft"][1](tmp_path)
+    run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=2, save_every=2, progress=False))
+    folder = tmp_path / "r" / "checkpoints" / "step-2"
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(files) == on_disk and "model/model.safetensors" in files and "optimizer.pt" in files
+    for name, entry in files.items():
+        content = (folder / name).read_bytes()
+        assert entry == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_resume_skips_a_damaged_checkpoint_and_stays_exact(tmp_path, monkeypatch, capsys, damage):
+    """The newest checkpoint is damaged after the crash: resume reports it, continues from the one before,
+    and still ends bit-for-bit where the uninterrupted run does."""
+    data = STAGES["sft"][1](tmp_path)
+    common = dict(data=data, max_steps=8, save_every=2, batch_size=4, progress=False, keep_last_n=0)
+    run_sft(tiny_config("sft", output_dir=tmp_path / "straight", **common))
+    with monkeypatch.context() as patch:
+        crash_after_logging(patch, 5)
+        with pytest.raises(Crash):
+            run_sft(tiny_config("sft", output_dir=tmp_path / "crashed", **common))
+    weights = tmp_path / "crashed" / "checkpoints" / "step-4" / "model" / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "flip":
+        content = bytearray(weights.read_bytes())
+        content[len(content) // 2] ^= 0xFF
+        weights.write_bytes(bytes(content))
+    else:
+        (weights.parent.parent / "optimizer.pt").unlink()
+    capsys.readouterr()
+    run_sft(tiny_config("sft", output_dir=tmp_path / "crashed", resume=True, **common))
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "step-4" in out and "resuming from" in out and "step-2" in out
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "crashed" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9)) and comparable(a) == comparable(b)
+
+
+def test_resume_with_only_damaged_checkpoints_is_a_clear_error(tmp_path):
+    from rlhfkit.errors import UserError
+
+    data = STAGES["sft"][1](tmp_path)
+    run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=2, save_every=2, progress=False))
+    (tmp_path / "r" / "checkpoints" / "step-2" / "scheduler.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"no intact checkpoint to resume from: .*step-2 \(scheduler.pt has 0 bytes"):
+        run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=4, progress=False, resume=True))

@@ -3,12 +3,15 @@
 A checkpoint holds everything needed to continue as if never stopped: the model (a HF safetensors folder),
 the optimizer and scheduler states, the RNG states (torch, Python, NumPy) and the trainer's position
 (step, epoch, micro-batch within the epoch). It is written into a temporary folder that is renamed into
-place only when complete, so a crash mid-write leaves the previous checkpoint as the newest one.
+place only when complete, so a crash mid-write leaves the previous checkpoint as the newest one. Its
+`manifest.json` lists the size and SHA-256 of every file; on resume a checkpoint that no longer matches
+(a truncated or altered file, a disk error) is reported and the previous intact one is used.
 Loading uses `torch.load(weights_only=True)`: nothing in a checkpoint is unpickled as code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -40,6 +43,62 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         if match and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    """Size and SHA-256 of every file of a checkpoint folder (about 1.8 GB/s, so ~2 s for a PPO one)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                      for p in files}}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a missing, truncated or altered file), or None if intact.
+    Folders written before checkpoints carried a manifest are accepted unverified."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None if (path / "trainer_state.json").is_file() else "no trainer_state.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST} ({exc})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_good_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
+    """The newest intact checkpoint; a damaged newer one is reported and skipped. None if there are none;
+    a UserError if there are some but none is intact (starting over silently would lose the run)."""
+    found = list_checkpoints(output_dir)
+    problems = []
+    for step, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad in problems:
+                print(f"warning: skipping damaged checkpoint {bad}")
+            return step, path
+        problems.append(f"{path} ({problem})")
+    if problems:
+        raise UserError(f"{checkpoints_dir(output_dir)}: no intact checkpoint to resume from: {'; '.join(problems)}")
+    return None
 
 
 def rng_state() -> dict:
@@ -84,6 +143,7 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     torch.save(torch.get_rng_state(), tmp / "rng_torch.pt")
     state = dict(trainer_state, step=step, rng=rng_state())
     (tmp / "trainer_state.json").write_text(json.dumps(state))
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
     for path in tmp.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:

@@ -18,7 +18,7 @@ import torch
 
 from rlhfkit.errors import UserError
 from rlhfkit.models.precision import autocast
-from rlhfkit.trainers.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights,
+from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
@@ -80,9 +80,9 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     scheduler = build_scheduler(optimizer, config, steps)
     step, microbatch, resumed_from = 0, 0, None
     if config.resume:
-        found = list_checkpoints(output_dir)
+        found = latest_good_checkpoint(output_dir)
         if found:
-            resumed_from, path = found[-1]
+            resumed_from, path = found
             load_model_weights(task.model, path / "model")
             state = load_checkpoint(path, {"optimizer": optimizer, "scheduler": scheduler})
             step, microbatch = state["step"], state["microbatch"]

@@ -29,7 +29,7 @@ from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
-from rlhfkit.trainers.checkpoint import (list_checkpoints, load_checkpoint, load_model_weights,
+from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
@@ -153,8 +153,9 @@ def run_ppo(config: PPOConfig) -> Path:
     stateful = {**optimizers, "kl_controller": kl_ctl}
 
     step, resumed_from = 0, None
-    if config.resume and list_checkpoints(out):
-        resumed_from, path = list_checkpoints(out)[-1]
+    found = latest_good_checkpoint(out) if config.resume else None
+    if found:
+        resumed_from, path = found
         load_model_weights(models.policy, path / "model")
         load_model_weights(models.critic, path / "model" / "critic")
         state = load_checkpoint(path, stateful)
