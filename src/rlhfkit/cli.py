@@ -10,6 +10,7 @@ import sys
 import time
 
 from rlhfkit.errors import UserError
+from rlhfkit.trainers.interrupt import TrainingStopped
 
 USAGE = """usage: rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key value ...]
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"rlhfkit {command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"rlhfkit {command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"rlhfkit {command}: interrupted", file=sys.stderr)
         return 130

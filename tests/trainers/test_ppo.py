@@ -140,3 +140,27 @@ def test_old_logprobs_from_sampling_match_scoring_in_fp32(tmp_path, reward_folde
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["ppo/clipfrac"] == 0.0 and first["ppo/approx_kl"] < 1e-8
     assert abs(first["objective/kl"]) < 1e-4
+
+
+def test_ppo_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, reward_folder, prompts):
+    import signal
+
+    from rlhfkit.trainers.interrupt import TrainingStopped
+
+    from .test_resume import signal_after_logging
+
+    common = dict(data=prompts, reward_model=reward_folder, progress=False, max_steps=3, save_every=0,
+                  sample_every=0, keep_last_n=0)
+    run_ppo(tiny_config("ppo", output_dir=tmp_path / "straight", **common))
+    with monkeypatch.context() as patch:
+        signal_after_logging(patch, 2, signal.SIGTERM)
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 2") as info:
+            run_ppo(tiny_config("ppo", output_dir=tmp_path / "stopped", **common))
+    assert info.value.exit_code == 143
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["step-2"]
+    run_ppo(tiny_config("ppo", output_dir=tmp_path / "stopped", resume=True, **common))
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "stopped" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3] and comparable(a) == comparable(b)

@@ -132,3 +132,45 @@ def test_resume_with_only_damaged_checkpoints_is_a_clear_error(tmp_path):
     (tmp_path / "r" / "checkpoints" / "step-2" / "scheduler.pt").write_bytes(b"")
     with pytest.raises(UserError, match=r"no intact checkpoint to resume from: .*step-2 \(scheduler.pt has 0 bytes"):
         run_sft(tiny_config("sft", data=data, output_dir=tmp_path / "r", max_steps=4, progress=False, resume=True))
+
+
+def signal_after_logging(monkeypatch, step, signum):
+    """Deliver `signum` to this process right after the run logs `step`, as a `kill` or Ctrl-C would."""
+    import os
+
+    real_write = MetricsLog.write
+
+    def write(self, row):
+        real_write(self, row)
+        if row["step"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", write)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_writes_a_checkpoint_stops_cleanly_and_resume_is_exact(tmp_path, monkeypatch, capsys, signame):
+    import signal
+
+    from rlhfkit.cli import main
+
+    signum = getattr(signal, signame)
+    data = STAGES["sft"][1](tmp_path)
+    common = dict(data=data, max_steps=6, save_every=4, batch_size=4, progress=False, keep_last_n=0)
+    run_sft(tiny_config("sft", output_dir=tmp_path / "straight", **common))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    argv = ["sft", "--preset", "tiny"] + [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    with monkeypatch.context() as patch:
+        signal_after_logging(patch, 3, signum)  # step 3: no checkpoint is due (save_every 4)
+        assert main(argv + [f"--output-dir={tmp_path / 'stopped'}"]) == 128 + signum
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhfkit")]
+    assert len(err) == 1 and f"stopped by {signame} after step 3" in err[0] and "--resume" in err[0], err
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["step-3"]
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()  # the final model is not written
+    assert main(argv + [f"--output-dir={tmp_path / 'stopped'}", "--resume=true"]) == 0
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 7)) and comparable(a) == comparable(b)

@@ -20,6 +20,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.precision import autocast
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
+from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
 
@@ -94,47 +95,54 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     accum = config.gradient_accumulation_steps
     rows, bar = [], _progress(config, steps, step, desc)
     task.model.train()
-    while step < steps:
-        started = time.perf_counter()
-        batches = [task.collate([task.train_examples[i] for i in order.indices(microbatch + k)])
-                   for k in range(accum)]
-        microbatch += accum
-        units = [float(task.units(b)) for b in batches]
-        normaliser = max(sum(units), 1.0)
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
-        for batch, weight in zip(batches, units):
-            with autocast(config.mixed_precision):
-                loss, metrics = task.loss(task.model, batch, normaliser)
-            loss.backward()
-            loss_sum += loss.item()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - started
-        n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
-        row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
-               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
-               "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
-        evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
-        if evaluating:
-            task.model.eval()
-            with torch.no_grad(), autocast(config.mixed_precision):
-                row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
-            task.model.train()
-        if evaluating or step % config.log_every == 0 or step == steps:
-            log.write(row)
-            rows.append(row)
-        if step == steps or (config.save_every and step % config.save_every == 0):
-            save_checkpoint(output_dir, step, task.save_model, {"optimizer": optimizer, "scheduler": scheduler},
-                            {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
+    # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see interrupt.py).
+    with stop_on_signals() as stop:
+        while step < steps:
+            started = time.perf_counter()
+            batches = [task.collate([task.train_examples[i] for i in order.indices(microbatch + k)])
+                       for k in range(accum)]
+            microbatch += accum
+            units = [float(task.units(b)) for b in batches]
+            normaliser = max(sum(units), 1.0)
+            totals: dict[str, float] = {}
+            loss_sum = 0.0
+            for batch, weight in zip(batches, units):
+                with autocast(config.mixed_precision):
+                    loss, metrics = task.loss(task.model, batch, normaliser)
+                loss.backward()
+                loss_sum += loss.item()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - started
+            n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
+            row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
+                   "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
+            evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
+            if evaluating:
+                task.model.eval()
+                with torch.no_grad(), autocast(config.mixed_precision):
+                    row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
+                task.model.train()
+            if evaluating or step % config.log_every == 0 or step == steps:
+                log.write(row)
+                rows.append(row)
+            stopping = stop.signum is not None and step < steps
+            if step == steps or stopping or (config.save_every and step % config.save_every == 0):
+                saved = save_checkpoint(output_dir, step, task.save_model,
+                                        {"optimizer": optimizer, "scheduler": scheduler},
+                                        {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
+                if stopping:
+                    bar.close()
+                    raise TrainingStopped(stop.signum, step, saved)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
     bar.close()
     task.model.eval()
     task.save_model(output_dir)

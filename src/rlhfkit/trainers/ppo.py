@@ -31,6 +31,7 @@ from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
+from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models, load_prompts_for
@@ -167,50 +168,56 @@ def run_ppo(config: PPOConfig) -> Path:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.max_steps, initial=step, desc="ppo", disable=not config.progress, dynamic_ncols=True)
-    while step < config.max_steps:
-        started = time.perf_counter()
-        rows = order.indices(step)
-        batch_records = [records[i] for i in rows]
-        # 1-2. rollout and score
-        with autocast(config.mixed_precision):
-            batch, texts, old, timings = rollout_and_score(models, batch_records, [prompt_ids[i] for i in rows],
-                                                           config)
-        mask = batch.response_mask
-        # 3. shape rewards: -kl_coef * KL_t per token, RM score at the last response token
-        kl = kl_penalty(old["logprobs"], old["ref_logprobs"], config.kl_estimator)  # (B, R)
-        rewards, metrics = shape_rewards(old["scores"], kl, mask, kl_ctl.value, ended=batch.ended,
-                                         missing_eos_penalty=config.missing_eos_penalty,
-                                         score_clip=config.reward_clip, score_scale=config.reward_scale)
-        # 4. GAE
-        advantages, returns = gae_advantages(rewards, old["values"], mask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages = whiten_advantages(advantages, mask)
-        # 5. PPO epochs over mini-batches
-        trained = time.perf_counter()
-        metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
-        trained = time.perf_counter() - trained
-        # 6. controller and logs
-        kl_ctl.update(float(metrics["objective/kl"]), len(batch))
-        step += 1
-        elapsed = time.perf_counter() - started
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
-               "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
-               "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
-               "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
-               "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
-        if models.gold is not None:
-            row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
-        if step % config.log_every == 0 or step == config.max_steps:
-            log.write(row)
-        if config.sample_every and (step % config.sample_every == 0 or step == 1):
-            for i in range(min(4, len(batch))):
-                samples_log.write({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
-                                   "score": float(old["scores"][i])})
-        if step == config.max_steps or (config.save_every and step % config.save_every == 0):
-            save_checkpoint(out, step, models.save, stateful,
-                            {"generator": generator.get_state().tolist()}, config.keep_last_n)
-        bar.update(1)
-        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
+    # SIGTERM / Ctrl-C: finish the iteration, write a checkpoint, stop (see interrupt.py).
+    with stop_on_signals() as stop:
+        while step < config.max_steps:
+            started = time.perf_counter()
+            rows = order.indices(step)
+            batch_records = [records[i] for i in rows]
+            # 1-2. rollout and score
+            with autocast(config.mixed_precision):
+                batch, texts, old, timings = rollout_and_score(models, batch_records, [prompt_ids[i] for i in rows],
+                                                               config)
+            mask = batch.response_mask
+            # 3. shape rewards: -kl_coef * KL_t per token, RM score at the last response token
+            kl = kl_penalty(old["logprobs"], old["ref_logprobs"], config.kl_estimator)  # (B, R)
+            rewards, metrics = shape_rewards(old["scores"], kl, mask, kl_ctl.value, ended=batch.ended,
+                                             missing_eos_penalty=config.missing_eos_penalty,
+                                             score_clip=config.reward_clip, score_scale=config.reward_scale)
+            # 4. GAE
+            advantages, returns = gae_advantages(rewards, old["values"], mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages = whiten_advantages(advantages, mask)
+            # 5. PPO epochs over mini-batches
+            trained = time.perf_counter()
+            metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
+            trained = time.perf_counter() - trained
+            # 6. controller and logs
+            kl_ctl.update(float(metrics["objective/kl"]), len(batch))
+            step += 1
+            elapsed = time.perf_counter() - started
+            row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
+                   "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
+                   "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
+                   "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
+                   "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
+            if models.gold is not None:
+                row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
+            if step % config.log_every == 0 or step == config.max_steps:
+                log.write(row)
+            if config.sample_every and (step % config.sample_every == 0 or step == 1):
+                for i in range(min(4, len(batch))):
+                    samples_log.write({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
+                                       "score": float(old["scores"][i])})
+            stopping = stop.signum is not None and step < config.max_steps
+            if step == config.max_steps or stopping or (config.save_every and step % config.save_every == 0):
+                saved = save_checkpoint(out, step, models.save, stateful,
+                                        {"generator": generator.get_state().tolist()}, config.keep_last_n)
+                if stopping:
+                    bar.close()
+                    raise TrainingStopped(stop.signum, step, saved)
+            bar.update(1)
+            bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
     bar.close()
     models.save(out)
     return out
