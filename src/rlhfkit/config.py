@@ -63,6 +63,8 @@ class OptimizerConfig:
     lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.1, "Share of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm (of each trained model) to this (0: no clipping).")
+    max_bad_steps: int = opt(3, "A step whose loss or gradient is not finite is skipped (no update) and counted in "
+                                "train/skipped_steps; this many in a row stop the run (SFT, reward, DPO).")
 
 
 @dataclass
@@ -363,7 +365,8 @@ def build_config(stage: str, config_file: str | None = None, preset: str | None 
 def validate(config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
-                "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs")
+                "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs",
+                "max_bad_steps")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")

@@ -80,6 +80,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
     step, microbatch, resumed_from = 0, 0, None
+    skipped, bad_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: in all, and in a row
     if config.resume:
         found = latest_good_checkpoint(output_dir)
         if found:
@@ -87,6 +88,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             load_model_weights(task.model, path / "model")
             state = load_checkpoint(path, {"optimizer": optimizer, "scheduler": scheduler})
             step, microbatch = state["step"], state["microbatch"]
+            skipped, bad_in_a_row = state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
             print(f"resuming from {path} (step {step} of {steps})")
         else:
             print(f"no checkpoint in {output_dir}/checkpoints; starting from step 0")
@@ -115,14 +117,19 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
                     totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            optimizer.step()
-            scheduler.step()
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                bad_in_a_row = 0
+            else:  # one bad batch must not poison the weights or the optimizer's moments: skip the update
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - started
             n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
             row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
+                   "train/skipped_steps": skipped,
                    "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
             evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
             if evaluating:
@@ -130,14 +137,24 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
                 with torch.no_grad(), autocast(config.mixed_precision):
                     row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
                 task.model.train()
-            if evaluating or step % config.log_every == 0 or step == steps:
+            logged = evaluating or step % config.log_every == 0 or step == steps
+            if logged:
                 log.write(row)
                 rows.append(row)
+            if bad_in_a_row >= config.max_bad_steps:
+                if not logged:
+                    log.write(row)
+                bar.close()
+                raise UserError(f"steps {step - bad_in_a_row + 1}-{step}: {bad_in_a_row} steps in a row had a "
+                                f"non-finite loss or gradient and were skipped; stopping (max_bad_steps). "
+                                f"Checkpoints in {output_dir}/checkpoints are intact; lower the learning rate "
+                                f"or check the data")
             stopping = stop.signum is not None and step < steps
             if step == steps or stopping or (config.save_every and step % config.save_every == 0):
                 saved = save_checkpoint(output_dir, step, task.save_model,
                                         {"optimizer": optimizer, "scheduler": scheduler},
-                                        {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
+                                        {"microbatch": microbatch, "total_steps": steps, "skipped_steps": skipped,
+                                         "bad_in_a_row": bad_in_a_row}, config.keep_last_n)
                 if stopping:
                     bar.close()
                     raise TrainingStopped(stop.signum, step, saved)
