@@ -64,7 +64,8 @@ class OptimizerConfig:
     warmup_ratio: float = opt(0.1, "Share of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm (of each trained model) to this (0: no clipping).")
     max_bad_steps: int = opt(3, "A step whose loss or gradient is not finite is skipped (no update) and counted in "
-                                "train/skipped_steps; this many in a row stop the run (SFT, reward, DPO).")
+                                "train/skipped_steps; this many in a row stop the run (PPO: mini-batches, "
+                                "checked after each iteration).")
 
 
 @dataclass

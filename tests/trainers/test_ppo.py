@@ -164,3 +164,34 @@ def test_ppo_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypat
         assert all(torch.equal(a[k], b[k]) for k in a), part
     a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "stopped" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3] and comparable(a) == comparable(b)
+
+
+def test_ppo_skips_non_finite_updates_and_stops_after_max_bad_steps(tmp_path, monkeypatch, reward_folder, prompts):
+    import rlhfkit.trainers.ppo as ppo_module
+    from rlhfkit.errors import UserError
+
+    real, calls = ppo_module.ppo_policy_loss, [0]
+    bad = set()
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan"), metrics) if calls[0] in bad else (loss, metrics)
+
+    monkeypatch.setattr(ppo_module, "ppo_policy_loss", poisoned)
+    # tiny preset: rollout 8, mini 4, 2 epochs -> 4 mini-batches (one micro-batch each) per iteration
+    common = dict(data=prompts, reward_model=reward_folder, progress=False, sample_every=0, keep_last_n=0,
+                  max_bad_steps=3)
+    bad.update({2})
+    run_ppo(tiny_config("ppo", output_dir=tmp_path / "one", max_steps=2, save_every=0, **common))
+    rows = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows] == [1, 1]
+    calls[0] = 0
+    bad.clear()
+    bad.update(range(5, 100))  # every mini-batch from iteration 2 on
+    # checked after each iteration: all 4 mini-batches of iteration 2 were skipped (>= 3)
+    with pytest.raises(UserError, match=r"iteration 2: 4 mini-batches in a row had a non-finite gradient"):
+        run_ppo(tiny_config("ppo", output_dir=tmp_path / "many", max_steps=4, save_every=1, **common))
+    assert sorted(p.name for p in (tmp_path / "many" / "checkpoints").iterdir()) == ["step-1"]
+    weights = load_file(tmp_path / "many" / "checkpoints" / "step-1" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

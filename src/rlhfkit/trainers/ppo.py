@@ -11,6 +11,7 @@ One iteration reads top to bottom:
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _micro_batch_backward(models: PPOModels, sub, idx, old: dict, advantages, re
 
 
 def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages, returns, config: PPOConfig,
-               generator: torch.Generator) -> dict:
+               generator: torch.Generator, guard: dict) -> dict:
     """Step 5: ppo_epochs passes of shuffled mini-batches; each mini-batch is one optimizer step per model.
 
     Losses are normalised by the mini-batch's token count (not per micro-batch), so gradient accumulation
@@ -122,13 +123,20 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
                     metrics = _micro_batch_backward(models, sub, idx, old, advantages, returns, share, config)
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * float(share)
-            for name, model in (("policy", models.policy), ("critic", models.critic)):
-                params = [p for p in model.parameters() if p.requires_grad]
-                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + float(norm)
-                optimizers[f"{name}_optimizer"].step()
-                optimizers[f"{name}_scheduler"].step()
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            norms = {name: float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                                max_norm))
+                     for name, model in (("policy", models.policy), ("critic", models.critic))}
+            # A non-finite gradient (from a NaN/inf loss) skips both models' steps for this mini-batch, so that
+            # one bad batch cannot poison the weights or Adam's moments; run_ppo stops after max_bad_steps.
+            finite = all(math.isfinite(norm) for norm in norms.values())
+            guard["skipped"] += 0 if finite else 1
+            guard["in_a_row"] = 0 if finite else guard["in_a_row"] + 1
+            for name, norm in norms.items():
+                sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + norm
+                if finite:
+                    optimizers[f"{name}_optimizer"].step()
+                    optimizers[f"{name}_scheduler"].step()
                 optimizers[f"{name}_optimizer"].zero_grad(set_to_none=True)
             n_updates += 1
     models.policy.eval()
@@ -154,6 +162,7 @@ def run_ppo(config: PPOConfig) -> Path:
     stateful = {**optimizers, "kl_controller": kl_ctl}
 
     step, resumed_from = 0, None
+    guard = {"skipped": 0, "in_a_row": 0}  # mini-batches skipped for a non-finite gradient: in all, in a row
     found = latest_good_checkpoint(out) if config.resume else None
     if found:
         resumed_from, path = found
@@ -162,6 +171,7 @@ def run_ppo(config: PPOConfig) -> Path:
         state = load_checkpoint(path, stateful)
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         step = state["step"]
+        guard.update(state.get("guard", {}))
         print(f"resuming from {path} (iteration {step} of {config.max_steps})")
     log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
     samples_log = MetricsLog(out / "samples.jsonl", resume_step=resumed_from)
@@ -190,7 +200,7 @@ def run_ppo(config: PPOConfig) -> Path:
                 advantages = whiten_advantages(advantages, mask)
             # 5. PPO epochs over mini-batches
             trained = time.perf_counter()
-            metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator))
+            metrics.update(ppo_update(models, optimizers, batch, old, advantages, returns, config, generator, guard))
             trained = time.perf_counter() - trained
             # 6. controller and logs
             kl_ctl.update(float(metrics["objective/kl"]), len(batch))
@@ -200,11 +210,17 @@ def run_ppo(config: PPOConfig) -> Path:
                    "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
                    "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
                    "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
+                   "train/skipped_steps": guard["skipped"],
                    "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
             if models.gold is not None:
                 row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
-            if step % config.log_every == 0 or step == config.max_steps:
+            if step % config.log_every == 0 or step == config.max_steps or guard["in_a_row"] >= config.max_bad_steps:
                 log.write(row)
+            if guard["in_a_row"] >= config.max_bad_steps:
+                bar.close()
+                raise UserError(f"iteration {step}: {guard['in_a_row']} mini-batches in a row had a non-finite "
+                                f"gradient and were skipped; stopping (max_bad_steps). Checkpoints in "
+                                f"{out}/checkpoints are intact; lower the learning rate or check the reward model")
             if config.sample_every and (step % config.sample_every == 0 or step == 1):
                 for i in range(min(4, len(batch))):
                     samples_log.write({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
@@ -212,7 +228,8 @@ def run_ppo(config: PPOConfig) -> Path:
             stopping = stop.signum is not None and step < config.max_steps
             if step == config.max_steps or stopping or (config.save_every and step % config.save_every == 0):
                 saved = save_checkpoint(out, step, models.save, stateful,
-                                        {"generator": generator.get_state().tolist()}, config.keep_last_n)
+                                        {"generator": generator.get_state().tolist(), "guard": guard},
+                                        config.keep_last_n)
                 if stopping:
                     bar.close()
                     raise TrainingStopped(stop.signum, step, saved)
