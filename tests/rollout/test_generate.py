@@ -56,7 +56,8 @@ def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving
     torch.manual_seed(3)
     prompts = [[500, 501, 502, 503, 504], [502], [600, 601], [700, 701, 702], [800, 801], [900]]
     eos = set(range(0, 49152, 5))  # 1 token in 5 ends a response: rows finish at different steps
-    got, got_logprobs = _decode(tiny_model.eval(), collate_prompts(prompts, tokenizer.pad_token_id), 8, 1.0, 1.0, eos)
+    got, got_logprobs = _decode(tiny_model.eval(), collate_prompts(prompts, tokenizer.pad_token_id), 8, 1.0, 1.0, eos,
+                                with_logprobs=True)
     current, finished, checked = list(range(len(prompts))), set(), 0
     for step, (logits, tokens) in enumerate(calls):
         if len(tokens) < len(current):  # the loop dropped the finished rows, keeping the others' order

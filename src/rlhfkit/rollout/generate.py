@@ -82,9 +82,10 @@ def _next_logits(model, input_ids, attention_mask, position_ids, cache):
 
 
 @torch.no_grad()
-def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: float,
-            eos: set[int]) -> tuple[list[list[int]], list[list[float]]]:
-    """Token lists (cut after EOS) for one left-padded batch of prompts, and their sampling log-probs."""
+def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: float, eos: set[int],
+            with_logprobs: bool = False) -> tuple[list[list[int]], list[list[float] | None]]:
+    """Token lists (cut after EOS) for one left-padded batch of prompts, and their sampling log-probs (None
+    per row unless `with_logprobs`: they cost a log-softmax over the vocabulary at every step)."""
     B = batch["input_ids"].shape[0]
     responses: list[list[int]] = [[] for _ in range(B)]
     eos_tensor = torch.tensor(sorted(eos))
@@ -95,10 +96,12 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
     rows = torch.arange(B)  # original row of each row still decoding
     for step in range(max_new_tokens):
         tokens = sample_from_logits(logits, temperature, top_p)  # (b,)
-        token_logprobs = logprobs_from_logits(logits[:, None], tokens[:, None], temperature)[:, 0]  # (b,)
-        for row, token, logprob in zip(rows.tolist(), tokens.tolist(), token_logprobs.tolist()):
+        for row, token in zip(rows.tolist(), tokens.tolist()):
             responses[row].append(token)
-            logprobs[row].append(logprob)
+        if with_logprobs:
+            token_logprobs = logprobs_from_logits(logits[:, None], tokens[:, None], temperature)[:, 0]  # (b,)
+            for row, logprob in zip(rows.tolist(), token_logprobs.tolist()):
+                logprobs[row].append(logprob)
         if step == max_new_tokens - 1:
             break
         alive = ~torch.isin(tokens, eos_tensor)  # (b,)
@@ -113,7 +116,7 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
         position_ids = position_ids + 1
         logits, cache = _next_logits(model, tokens[:, None], attention_mask, position_ids, cache)
     cut = [cut_at_eos(tokens, eos)[0] for tokens in responses]
-    return cut, [row[:len(tokens)] for row, tokens in zip(logprobs, cut)]
+    return cut, [row[:len(tokens)] if with_logprobs else None for row, tokens in zip(logprobs, cut)]
 
 
 @contextmanager
@@ -133,8 +136,10 @@ def _decoding_attention(model):
 
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, batch_size: int = 32, progress: bool = False) -> list[Sample]:
-    """One sampled response per prompt (repeat a prompt in `prompts` to get several)."""
+                     top_p: float = 1.0, batch_size: int = 32, progress: bool = False,
+                     with_logprobs: bool = False) -> list[Sample]:
+    """One sampled response per prompt (repeat a prompt in `prompts` to get several); `with_logprobs` also
+    keeps each token's log-prob from the sampling pass in `Sample.logprobs`."""
     from tqdm.auto import tqdm
 
     eos = eos_token_ids(model, tokenizer)
@@ -146,7 +151,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]
             batch = collate_prompts(chunk, tokenizer.pad_token_id)
-            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos)
+            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos, with_logprobs)
             for prompt, response, logprob in zip(chunk, responses, logprobs):
                 samples.append(Sample(prompt, response, bool(response) and response[-1] in eos, logprob))
     model.train(was_training)

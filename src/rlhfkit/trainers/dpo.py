@@ -46,6 +46,14 @@ def reference_logps(ref, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_logps(ref, batch)
 
 
+def pair_loss(model, ref, batch: dict, config: DPOConfig):
+    """DPO loss and metrics of one pair batch, and its number of pairs."""
+    chosen, rejected = pair_logps(model, batch)
+    loss, metrics = dpo_loss(chosen, rejected, *reference_logps(ref, batch), beta=config.beta,
+                             loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    return loss, metrics, chosen.shape[0]
+
+
 def precompute_reference(ref, examples: list[dict], collate, batch_size: int, mixed_precision: str) -> None:
     """Store the reference's log-probs of each pair in its example (`ref_chosen`, `ref_rejected`)."""
     with torch.no_grad(), autocast(mixed_precision):
@@ -63,11 +71,7 @@ def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict
     for n, start in enumerate(range(0, len(examples), config.batch_size)):
         if config.eval_batches and n >= config.eval_batches:
             break
-        batch = collate(examples[start:start + config.batch_size])
-        chosen, rejected = pair_logps(model, batch)
-        loss, metrics = dpo_loss(chosen, rejected, *reference_logps(ref, batch), beta=config.beta,
-                                 loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-        size = chosen.shape[0]
+        loss, metrics, size = pair_loss(model, ref, collate(examples[start:start + config.batch_size]), config)
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * size
         seen += size
@@ -101,12 +105,10 @@ def run_dpo(config: DPOConfig) -> Path:
         ref = None  # freed: training holds one model
 
     def loss_fn(model, batch: dict, normaliser: float):
-        chosen, rejected = pair_logps(model, batch)
-        loss, metrics = dpo_loss(chosen, rejected, *reference_logps(ref, batch), beta=config.beta,
-                                 loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        loss, metrics, size = pair_loss(model, ref, batch, config)
         # dpo_loss averages over this micro-batch's pairs; rescale so that the micro-batches of one
         # accumulation window add up to the mean over all of its pairs.
-        return loss * (chosen.shape[0] / normaliser), metrics
+        return loss * (size / normaliser), metrics
 
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=loss_fn,

@@ -20,6 +20,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.precision import autocast
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
+from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
@@ -80,15 +81,15 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
     step, microbatch, resumed_from = 0, 0, None
-    skipped, bad_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: in all, and in a row
+    guard = NonFiniteGuard(config.max_bad_steps)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
     if config.resume:
         found = latest_good_checkpoint(output_dir)
         if found:
             resumed_from, path = found
             load_model_weights(task.model, path / "model")
-            state = load_checkpoint(path, {"optimizer": optimizer, "scheduler": scheduler})
+            state = load_checkpoint(path, stateful)
             step, microbatch = state["step"], state["microbatch"]
-            skipped, bad_in_a_row = state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
             print(f"resuming from {path} (step {step} of {steps})")
         else:
             print(f"no checkpoint in {output_dir}/checkpoints; starting from step 0")
@@ -117,19 +118,16 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
                     totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            if guard.allows(loss_sum, grad_norm):
                 optimizer.step()
                 scheduler.step()
-                bad_in_a_row = 0
-            else:  # one bad batch must not poison the weights or the optimizer's moments: skip the update
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - started
             n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
             row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
-                   "train/skipped_steps": skipped,
+                   "train/skipped_steps": guard.skipped,
                    "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
             evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
             if evaluating:
@@ -141,20 +139,18 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             if logged:
                 log.write(row)
                 rows.append(row)
-            if bad_in_a_row >= config.max_bad_steps:
+            if guard.exhausted:
                 if not logged:
                     log.write(row)
                 bar.close()
-                raise UserError(f"steps {step - bad_in_a_row + 1}-{step}: {bad_in_a_row} steps in a row had a "
+                raise UserError(f"steps {step - guard.in_a_row + 1}-{step}: {guard.in_a_row} steps in a row had a "
                                 f"non-finite loss or gradient and were skipped; stopping (max_bad_steps). "
                                 f"Checkpoints in {output_dir}/checkpoints are intact; lower the learning rate "
                                 f"or check the data")
             stopping = stop.signum is not None and step < steps
             if step == steps or stopping or (config.save_every and step % config.save_every == 0):
-                saved = save_checkpoint(output_dir, step, task.save_model,
-                                        {"optimizer": optimizer, "scheduler": scheduler},
-                                        {"microbatch": microbatch, "total_steps": steps, "skipped_steps": skipped,
-                                         "bad_in_a_row": bad_in_a_row}, config.keep_last_n)
+                saved = save_checkpoint(output_dir, step, task.save_model, stateful,
+                                        {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
                 if stopping:
                     bar.close()
                     raise TrainingStopped(stop.signum, step, saved)

@@ -11,7 +11,6 @@ One iteration reads top to bottom:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
+from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
@@ -44,7 +44,8 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     """Steps 1-2: sample, then score with every model. Returns the batch, texts, tensors and timings."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
-                               config.temperature, config.top_p, batch_size=len(prompt_ids))
+                               config.temperature, config.top_p, batch_size=len(prompt_ids),
+                               with_logprobs=config.logprobs_from_sampling)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                 [s.ended for s in samples], models.tokenizer.pad_token_id)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -97,7 +98,7 @@ def _micro_batch_backward(models: PPOModels, sub, idx, old: dict, advantages, re
 
 
 def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages, returns, config: PPOConfig,
-               generator: torch.Generator, guard: dict) -> dict:
+               generator: torch.Generator, guard: NonFiniteGuard) -> dict:
     """Step 5: ppo_epochs passes of shuffled mini-batches; each mini-batch is one optimizer step per model.
 
     Losses are normalised by the mini-batch's token count (not per micro-batch), so gradient accumulation
@@ -127,11 +128,8 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
             norms = {name: float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                                 max_norm))
                      for name, model in (("policy", models.policy), ("critic", models.critic))}
-            # A non-finite gradient (from a NaN/inf loss) skips both models' steps for this mini-batch, so that
-            # one bad batch cannot poison the weights or Adam's moments; run_ppo stops after max_bad_steps.
-            finite = all(math.isfinite(norm) for norm in norms.values())
-            guard["skipped"] += 0 if finite else 1
-            guard["in_a_row"] = 0 if finite else guard["in_a_row"] + 1
+            # A non-finite gradient (from a NaN/inf loss) skips both models' steps for this mini-batch.
+            finite = guard.allows(*norms.values())
             for name, norm in norms.items():
                 sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + norm
                 if finite:
@@ -159,10 +157,10 @@ def run_ppo(config: PPOConfig) -> Path:
                                  config.kl_target, config.kl_horizon)
     order = BatchOrder(len(records), config.rollout_batch_size, config.seed, drop_last=True)
     generator = torch.Generator().manual_seed(config.seed)
-    stateful = {**optimizers, "kl_controller": kl_ctl}
+    guard = NonFiniteGuard(config.max_bad_steps)  # counts mini-batches skipped for a non-finite gradient
+    stateful = {**optimizers, "kl_controller": kl_ctl, "guard": guard}
 
     step, resumed_from = 0, None
-    guard = {"skipped": 0, "in_a_row": 0}  # mini-batches skipped for a non-finite gradient: in all, in a row
     found = latest_good_checkpoint(out) if config.resume else None
     if found:
         resumed_from, path = found
@@ -171,7 +169,6 @@ def run_ppo(config: PPOConfig) -> Path:
         state = load_checkpoint(path, stateful)
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         step = state["step"]
-        guard.update(state.get("guard", {}))
         print(f"resuming from {path} (iteration {step} of {config.max_steps})")
     log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
     samples_log = MetricsLog(out / "samples.jsonl", resume_step=resumed_from)
@@ -210,15 +207,15 @@ def run_ppo(config: PPOConfig) -> Path:
                    "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
                    "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
                    "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
-                   "train/skipped_steps": guard["skipped"],
+                   "train/skipped_steps": guard.skipped,
                    "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
             if models.gold is not None:
                 row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
-            if step % config.log_every == 0 or step == config.max_steps or guard["in_a_row"] >= config.max_bad_steps:
+            if step % config.log_every == 0 or step == config.max_steps or guard.exhausted:
                 log.write(row)
-            if guard["in_a_row"] >= config.max_bad_steps:
+            if guard.exhausted:
                 bar.close()
-                raise UserError(f"iteration {step}: {guard['in_a_row']} mini-batches in a row had a non-finite "
+                raise UserError(f"iteration {step}: {guard.in_a_row} mini-batches in a row had a non-finite "
                                 f"gradient and were skipped; stopping (max_bad_steps). Checkpoints in "
                                 f"{out}/checkpoints are intact; lower the learning rate or check the reward model")
             if config.sample_every and (step % config.sample_every == 0 or step == 1):
@@ -228,8 +225,7 @@ def run_ppo(config: PPOConfig) -> Path:
             stopping = stop.signum is not None and step < config.max_steps
             if step == config.max_steps or stopping or (config.save_every and step % config.save_every == 0):
                 saved = save_checkpoint(out, step, models.save, stateful,
-                                        {"generator": generator.get_state().tolist(), "guard": guard},
-                                        config.keep_last_n)
+                                        {"generator": generator.get_state().tolist()}, config.keep_last_n)
                 if stopping:
                     bar.close()
                     raise TrainingStopped(stop.signum, step, saved)
