@@ -281,6 +281,16 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
     return out
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """The YAML error in words. The safe loader refuses tags such as `!!python/object/apply:os.system` (nothing
+    in a config file is ever run); say so plainly instead of PyYAML's 'could not determine a constructor'."""
+    problem = str(getattr(exc, "problem", None) or exc).strip()
+    if isinstance(exc, yaml.constructor.ConstructorError) and problem.count("'") >= 2:
+        tag = problem.split("'")[1].replace("tag:yaml.org,2002:", "!!")
+        return f"the tag '{tag}' is not allowed (a config file holds plain values; nothing in it is run)"
+    return problem.splitlines()[0] if problem else type(exc).__name__
+
+
 def _yaml_mapping(path: Path) -> tuple[dict, dict]:
     """Read a YAML mapping; return (values, line of each top-level key) for error messages."""
     try:
@@ -295,7 +305,7 @@ def _yaml_mapping(path: Path) -> tuple[dict, dict]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(f"{path}{line}: invalid YAML: {_yaml_problem(exc)}") from None
     if values is None:
         return {}, {}
     if not isinstance(values, dict) or node is None or not isinstance(node, yaml.MappingNode):

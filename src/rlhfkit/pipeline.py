@@ -110,7 +110,25 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     # Check every section now, before any stage runs: a typo in `eval` must not surface after an hour of PPO.
     for stage in pipe.stages:
         stage_config(pipe, stage, {})
+    check_data_files(pipe)
     return pipe
+
+
+# The record kind each stage reads from a `data` / `eval_data` file named in its section.
+SECTION_DATA_KINDS = {"sft": "sft", "annotate": "prompt", "reward": "preference", "ppo": "prompt", "dpo": "preference",
+                      "eval": "prompt"}
+
+
+def check_data_files(pipe: Pipeline) -> None:
+    """Validate every data file the user named, before any stage runs (a bad line in the eval prompts must
+    not surface after the training stages). Files an earlier stage writes are wired in later, not named here."""
+    from rlhfkit.data.loading import load_records
+
+    for stage in pipe.stages:
+        for key in ("data", "eval_data"):
+            path = pipe.sections.get(stage, {}).get(key)
+            if path is not None:
+                load_records(str(path), SECTION_DATA_KINDS[stage])
 
 
 def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = None):
@@ -135,7 +153,6 @@ def run_pipeline(pipe: Pipeline) -> Path:
     from rlhfkit.cli import runner
 
     out = pipe.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     policy0 = str(out / "sft") if "sft" in pipe.stages else pipe.model
     wiring = {
         "sft": {"output_dir": str(out / "sft")},
@@ -171,6 +188,8 @@ def run_pipeline(pipe: Pipeline) -> Path:
         started = time.perf_counter()
         runner(stage)(config)
         timings[name] = time.perf_counter() - started
+        # Made only now: a stage that refuses its input must leave no folder behind (each stage makes its own).
+        out.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timings, indent=2))
         done.write_text("")
         if not pipe.keep_checkpoints:
@@ -179,6 +198,7 @@ def run_pipeline(pipe: Pipeline) -> Path:
             shutil.rmtree(Path(config.output_dir) / "checkpoints", ignore_errors=True)
     from rlhfkit.eval.report import write_report
 
+    out.mkdir(parents=True, exist_ok=True)
     write_report(out, pipe.kl_budget, timings)
     return out
 

@@ -20,8 +20,9 @@ def message(role):
 
 @st.composite
 def conversation(draw):
-    """Optional system turn, then user/assistant turns, ending with a user turn."""
+    """Optional system turn, then user/assistant turns opening with a user turn, ending with a user turn."""
     turns = draw(st.lists(st.sampled_from(["user", "assistant"]), max_size=3))
+    turns = ["user", *turns[1:]] if turns else turns
     head = [draw(message("system"))] if draw(st.booleans()) else []
     return head + [draw(message(r)) for r in turns] + [draw(message("user"))]
 

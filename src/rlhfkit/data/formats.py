@@ -8,9 +8,13 @@ Kinds (one JSON object per record; unknown extra fields are allowed and dropped)
 - ``ranking``:    ``{"prompt": P, "responses": [R, R, ...], "ranking": [best, ..., worst]}``
 
 A prompt ``P`` is plain text (a non-empty string) or conversational: a non-empty list of messages
-``{"role": "system"|"user"|"assistant", "content": str}`` where a system turn may only come first and
-the last turn is a user turn (the model answers next). A response ``R`` is a non-empty string; when
+``{"role": "system"|"user"|"assistant", "content": str}`` where a system turn may only come first, the
+first other turn is a user turn, and the last turn is a user turn (the model answers next). A response ``R`` is a non-empty string; when
 the prompt is conversational it may also be a list of assistant messages.
+
+A text field holds at most `MAX_TEXT_CHARS` characters: far more than any context rlhfkit trains on (the
+rest would be cut away by truncation anyway), and a bigger one is nearly always a file that lost its line
+breaks; tokenising it would take minutes and gigabytes before the cut.
 
 `validate_record` returns a new, normalised dict: only the known fields, messages reduced to
 ``{"role", "content"}``, ``margin`` as a float and ranking indices as ints. Every failure raises
@@ -26,6 +30,7 @@ from rlhfkit.errors import DataError
 
 KINDS = ("prompt", "sft", "preference", "ranking")
 ROLES = ("system", "user", "assistant")
+MAX_TEXT_CHARS = 1 << 20
 
 
 class _Where:
@@ -59,10 +64,18 @@ def _type_name(value) -> str:
 def _text(value, field: str, where: _Where) -> str:
     if not isinstance(value, str):
         where.fail(field, f"must be a string, got {_type_name(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        where.fail(field, f"is {len(value):,} characters long, over the limit of {MAX_TEXT_CHARS:,} "
+                          f"(is a line break missing?)")
     # Whitespace-only text would train on (or compare) nothing visible: treat it as empty.
     if not value.strip():
         where.fail(field, "must not be empty")
     return value
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    # A value quoted in an error stays short: the message is one line a user reads, whatever the input.
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _messages(value, field: str, where: _Where) -> list[dict]:
@@ -81,12 +94,22 @@ def _messages(value, field: str, where: _Where) -> list[dict]:
                 where.fail(f"{name}.{key}", "missing")
         role = message["role"]
         if not isinstance(role, str) or role not in ROLES:
-            shown = repr(role) if isinstance(role, str) else _type_name(role)
+            shown = _shown(role) if isinstance(role, str) else _type_name(role)
             where.fail(f"{name}.role", f"unknown role {shown} (expected one of: {', '.join(ROLES)})")
         if role == "system" and i != 0:
             where.fail(f"{name}.role", "a system turn is only allowed as the first turn")
         out.append({"role": role, "content": _text(message["content"], f"{name}.content", where)})
     return out
+
+
+def _check_opening(messages: list[dict], field: str, where: _Where) -> None:
+    """The first turn after an optional system turn is the user's. A conversation the assistant opens is
+    refused here, with its line, because many chat templates (Llama 2, Mistral, Gemma) raise on it only
+    at tokenisation, far from the file."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    if first < len(messages) and messages[first]["role"] != "user":
+        where.fail(f"{field}[{first}].role", f"a conversation must open with a user turn (after an optional "
+                                             f"system turn), got '{messages[first]['role']}'")
 
 
 def _prompt(value, field: str, where: _Where):
@@ -99,6 +122,7 @@ def _prompt(value, field: str, where: _Where):
     if messages[-1]["role"] != "user":
         where.fail(field, f"a conversational prompt must end with a user turn, "
                           f"got '{messages[-1]['role']}'")
+    _check_opening(messages, field, where)
     return messages
 
 
@@ -147,6 +171,7 @@ def _sft(record: dict, where: _Where) -> dict:
     if head[-1]["role"] != "user":
         where.fail("messages", f"the turn before the last assistant turn must be a user turn, "
                                f"got '{head[-1]['role']}'")
+    _check_opening(messages, "messages", where)
     return {"messages": messages}
 
 

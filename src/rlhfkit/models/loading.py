@@ -1,18 +1,25 @@
 """Load any causal LM and its tokenizer from a local folder (or the names `embedded` and `tiny`).
 
-Nothing here downloads from a model hub: a path must be a local folder. Weights load through
-safetensors (transformers' default), and `trust_remote_code` stays off unless the caller asks.
+Nothing here downloads from a model hub: a path must be a local folder. Weights load only from safetensors
+(pickled weights are refused), and `trust_remote_code` stays off unless the caller asks: see `safety.py`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rlhfkit.errors import UserError
+from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 # Special names accepted wherever a model folder is expected.
 EMBEDDED = "embedded"
 TINY = "tiny"
+
+# Files of which a folder needs one for AutoTokenizer to build a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+# Errors transformers, tokenizers and safetensors raise for a broken folder; each becomes one line.
+_LOAD_ERRORS = (ValueError, RuntimeError, OSError, KeyError, TypeError)
 
 # Tokens we may reuse as padding when the tokenizer's pad token is missing or equal to EOS.
 _PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -59,11 +66,29 @@ def choose_pad_token(tokenizer) -> None:
         tokenizer.pad_token = eos
 
 
+def first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    from safetensors import SafetensorError
+
+    return (*_LOAD_ERRORS, SafetensorError)
+
+
 def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(None if path is None else str(path))
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_model_folder(folder, trust_remote_code, need_weights=False)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(f"{folder}: no tokenizer in this model folder (expected tokenizer.json or "
+                        f"tokenizer_config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except load_errors() as exc:
+        raise UserError(f"{folder}: cannot load the tokenizer: {first_line(exc)}") from exc
     choose_pad_token(tokenizer)
     # Prompts are left-padded so that every row's generation starts at the same column.
     tokenizer.padding_side = "left"
@@ -92,17 +117,29 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(None if path is None else str(path))
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
-        raise UserError(f"{folder}: no *.safetensors weights in this model folder")
+    check_model_folder(folder, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # Mismatched shapes are loaded (randomly initialised) rather than raised with transformers' vague
+        # "look at the above report", so that check_loaded_weights can name the first one.
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attention_kernel(attn_implementation))
-    except (ValueError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{folder}: cannot load the model: {first}") from exc
+            attn_implementation=attention_kernel(attn_implementation), output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except load_errors() as exc:
+        raise UserError(f"{folder}: cannot load the model: {first_line(exc)}") from exc
+    check_loaded_weights(folder, info)
     disable_dropout(model)
     return model
+
+
+def check_fits_context(model, tokens: int, key: str) -> None:
+    """Refuse a config whose sequences can outgrow the model's positions. Prompts are cut to
+    max_prompt_length, so no data file can do this; only the config can. Models with learned positions
+    (GPT-2) would crash mid-run with an index error, rotary ones (Llama) would quietly degrade."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise ConfigError(f"key '{key}': sequences of up to {tokens} tokens do not fit the context of "
+                          f"{model.name_or_path} (max_position_embeddings = {limit} in its config.json)")
 
 
 def disable_dropout(model) -> None:

@@ -15,7 +15,9 @@ import torch
 
 from rlhfkit.core.positions import last_token_index
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import attention_kernel, disable_dropout, resolve_model_path, torch_dtype
+from rlhfkit.models.loading import (attention_kernel, disable_dropout, first_line, load_errors, resolve_model_path,
+                                   torch_dtype)
+from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 
 def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "float32",
@@ -24,15 +26,16 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
     from transformers import AutoModelForSequenceClassification
 
     folder = resolve_model_path(None if path is None else str(path))
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
-        raise UserError(f"{folder}: no *.safetensors weights in this model folder")
+    check_model_folder(folder, trust_remote_code)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=1, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=True, attn_implementation=attention_kernel(attn_implementation))
-    except (ValueError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{folder}: cannot load as a reward model: {first}") from exc
+            use_safetensors=True, attn_implementation=attention_kernel(attn_implementation),
+            output_loading_info=True, ignore_mismatched_sizes=True)
+    except load_errors() as exc:
+        raise UserError(f"{folder}: cannot load as a reward model: {first_line(exc)}") from exc
+    # The scalar head is new when the folder holds a causal LM: its absence is expected.
+    check_loaded_weights(folder, info, may_be_missing=("score.",))
     if not hasattr(model, "score"):
         raise UserError(f"{folder}: {type(model).__name__} has no scalar 'score' head; use a decoder-only LM")
     # Used by transformers' own pooling when others load our folder; keep it right.

@@ -17,7 +17,7 @@ from rlhfkit.core.dpo import dpo_loss, sequence_logps
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.tokenize import tokenize_preference
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.models.precision import autocast, store_linears_in_bf16
 from rlhfkit.rollout.scoring import tail_logits
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
@@ -80,8 +80,8 @@ def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict
 
 def run_dpo(config: DPOConfig) -> Path:
     out = resolve_output_dir(config, "dpo")
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_records, eval_records = train_eval_records(config, "preference")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train, evals = [[tokenize_preference(tokenizer, r, config.max_prompt_length, config.max_length,
                                          config.use_chat_template) for r in records]
                     for records in (train_records, eval_records)]
@@ -89,6 +89,8 @@ def run_dpo(config: DPOConfig) -> Path:
     ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
                          config.attn_implementation)
     ref.requires_grad_(False).eval()
+    for loaded in (model, ref):
+        check_fits_context(loaded, config.max_length, "max_length")
     if config.mixed_precision == "bf16":  # the reference runs only under autocast
         store_linears_in_bf16(ref)
     prepare_output_dir(out, config)

@@ -12,7 +12,7 @@ from rlhfkit.core.logprobs import logprobs_from_logits, shift_for_causal_lm
 from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
 from rlhfkit.data.tokenize import tokenize_sft
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
@@ -48,8 +48,8 @@ def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: i
 def run_sft(config: SFTConfig) -> Path:
     """Train; write the model folder, config.yaml, metrics.jsonl and checkpoints under output_dir."""
     out = resolve_output_dir(config, "sft")
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train_records, eval_records = train_eval_records(config, "sft")
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
 
     def encode(records):
         return [tokenize_sft(tokenizer, r, config.max_prompt_length, config.max_length, config.use_chat_template)
@@ -58,6 +58,7 @@ def run_sft(config: SFTConfig) -> Path:
     train, evals = encode(train_records), encode(eval_records)
     seed_everything(config.seed)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
 
     def collate(batch):
