@@ -31,3 +31,21 @@ def keyword_pairs(n, seed):
         rows.append({"prompt": f"Describe the {rng.choice(WORDS)}.", "chosen": " ".join(chosen),
                      "rejected": " ".join(rejected)})
     return rows
+
+
+def save_random_reward_model(folder, seed=1):
+    """A tiny reward-model folder (tiny trunk, the real tokenizer) with a random N(0, 1) head: PPO, GRPO and
+    RLOO tests train policies to please it."""
+    import torch
+
+    from rlhfkit.models.loading import load_tokenizer, resolve_model_path
+    from rlhfkit.models.reward_model import load_reward_model
+
+    tokenizer = load_tokenizer(None)
+    rm = load_reward_model(resolve_model_path("tiny"), tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -6,12 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.models.loading import resolve_model_path
-from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.trainers.metrics_log import read_metrics
 from rlhfkit.trainers.ppo import run_ppo
 
-from .helpers import tiny_config, write_jsonl
+from .helpers import save_random_reward_model, tiny_config, write_jsonl
 from .test_resume import Crash, comparable, crash_after_logging
 
 REQUIRED = ("objective/kl", "objective/rlhf_reward", "objective/scores", "ppo/approx_kl", "ppo/clipfrac",
@@ -20,16 +18,9 @@ REQUIRED = ("objective/kl", "objective/rlhf_reward", "objective/scores", "ppo/ap
 
 
 @pytest.fixture(scope="module")
-def reward_folder(tmp_path_factory, tokenizer):
+def reward_folder(tmp_path_factory):
     """A tiny reward model with a random head: PPO must learn to please it."""
-    folder = tmp_path_factory.mktemp("rm")
-    rm = load_reward_model(resolve_model_path("tiny"), tokenizer.pad_token_id)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        rm.score.weight.normal_(0, 1.0)
-    rm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_random_reward_model(tmp_path_factory.mktemp("rm"))
 
 
 @pytest.fixture()

@@ -33,7 +33,7 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    """Complete checkpoints, oldest first (the hidden folders of interrupted writes and deletions are ignored)."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
@@ -84,9 +84,21 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def discard_interrupted(output_dir: Path) -> None:
+    """Delete what a process killed while writing or deleting a checkpoint left behind (`.tmp-step-N`,
+    `.del-step-N`). Only for the one process that trains into `output_dir`: at resume or before a save."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        for stale in root.iterdir():
+            if stale.name.startswith((".tmp-step-", ".del-step-")):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 def latest_good_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
     """The newest intact checkpoint; a damaged newer one is reported and skipped. None if there are none;
-    a UserError if there are some but none is intact (starting over silently would lose the run)."""
+    a UserError if there are some but none is intact (starting over silently would lose the run).
+    Called when a run resumes, it first clears the leftovers of the killed run's interrupted writes."""
+    discard_interrupted(output_dir)
     found = list_checkpoints(output_dir)
     problems = []
     for step, path in reversed(found):
@@ -133,9 +145,9 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     """
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    discard_interrupted(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(tmp / "model")
     for name, obj in stateful.items():
@@ -149,12 +161,24 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     if final.exists():
-        shutil.rmtree(final)
+        _delete(final)
     os.replace(tmp, final)
     if keep_last_n > 0:
         for _, old in list_checkpoints(output_dir)[:-keep_last_n]:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete(old)
     return final
+
+
+def _delete(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it either whole or gone: it is first
+    renamed out of the `step-N` names (one atomic step), then deleted file by file."""
+    doomed = folder.with_name(f".del-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(folder, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, stateful: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -15,16 +16,33 @@ def _plain(value):
     return value
 
 
+def _lines(path: Path) -> list[tuple[str, dict]]:
+    """Each line of a JSONL file with its row. A last line without its newline that does not parse is the
+    row a killed process was appending: it is dropped, that step was never completely logged."""
+    lines = Path(path).read_text().split("\n")
+    last = lines.pop()  # "" when the file ends with a newline
+    found = [(line, json.loads(line)) for line in lines if line.strip()]
+    if last.strip():
+        try:
+            found.append((last, json.loads(last)))
+        except ValueError:
+            pass
+    return found
+
+
 class MetricsLog:
     """Appends rows to `path`. On resume from step S, rows after S are dropped first, so a step that ran
-    before the crash but after the checkpoint is logged once, not twice."""
+    before the crash but after the checkpoint is logged once, not twice. The file is rewritten through a
+    temporary file and a rename, so a process killed while it is rewritten loses no row."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line, row in _lines(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as handle:
+                handle.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
@@ -34,4 +52,4 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [row for _, row in _lines(path)]
