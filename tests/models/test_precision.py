@@ -41,3 +41,44 @@ def test_frozen_reward_model_gives_bitwise_equal_scores(tokenizer):
         after = score_sequences(rm, batch.input_ids, batch.attention_mask, batch.position_ids)
     assert torch.equal(before, after)
     assert rm.score.weight.dtype == torch.bfloat16
+
+
+def test_bf16_weights_runs_plain_bf16_and_restores_the_exact_fp32_tensors(tiny_model, tokenizer):
+    from rlhfkit.models.precision import bf16_weights
+
+    model = tiny_model.eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    batch = _batch(tokenizer)
+    with torch.no_grad(), autocast("bf16"):
+        reference = response_logits(model, batch)
+        with bf16_weights(model):
+            assert not torch.is_autocast_enabled("cpu")  # plain bf16: no autocast dispatch per op
+            dtypes = {name: p.dtype for name, p in model.named_parameters()}
+            plain = response_logits(model, batch)
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.layers.1.input_layernorm.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # exact lookups; the LM head runs in fp32
+    assert plain.dtype == torch.float32
+    # Same model, another rounding: close to the autocast logits, not equal.
+    assert (plain - reference).abs().max() < 0.05 * reference.abs().max()
+    assert not torch.equal(plain, reference)
+    # On exit: the same Parameter objects (an optimizer holds them) with their fp32 values, bit for bit.
+    assert all(p is params[name] for name, p in model.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_bf16_weights_restores_after_an_error(tiny_model):
+    from rlhfkit.models.precision import bf16_weights
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    try:
+        with bf16_weights(tiny_model):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    for name, p in tiny_model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    assert not tiny_model.get_input_embeddings()._forward_hooks

@@ -16,7 +16,7 @@ from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.config import AnnotateConfig
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.models.precision import autocast
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.trainers.checkpoint import seed_everything
@@ -36,6 +36,8 @@ def run_annotate(config: AnnotateConfig) -> Path:
     scorer = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
+    check_fits_context(model, config.max_prompt_length + max_new, "max_length")
     prepare_output_dir(out, config)
     seed_everything(config.seed)
 
@@ -43,11 +45,11 @@ def run_annotate(config: AnnotateConfig) -> Path:
     k = config.responses_per_prompt
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
                   for r in records]
-    max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
     repeated = [ids for ids in prompt_ids for _ in range(k)]
     with autocast(config.mixed_precision):
         samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
-                                   config.batch_size, progress=config.progress)
+                                   config.batch_size, progress=config.progress,
+                                   precision=config.mixed_precision)
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
     generate_s = time.perf_counter() - started
 

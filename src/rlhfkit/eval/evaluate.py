@@ -24,7 +24,7 @@ from rlhfkit.config import EvalConfig
 from rlhfkit.core.stats import mean_ci95, win_rate
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.models.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
@@ -45,7 +45,7 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
     for start in tqdm(starts, desc="eval", unit="batch", disable=not config.progress, dynamic_ncols=True):
         ids, recs = prompt_ids[start:start + config.batch_size], records[start:start + config.batch_size]
         samples = sample_responses(policy, tokenizer, ids, config.max_new_tokens, config.temperature,
-                                   config.top_p, batch_size=len(ids))
+                                   config.top_p, batch_size=len(ids), precision=config.mixed_precision)
         batch = build_rollout_batch(ids, [s.response_ids for s in samples], [s.ended for s in samples],
                                     tokenizer.pad_token_id)
         texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -80,6 +80,9 @@ def run_eval(config: EvalConfig) -> Path:
         rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                                config.attn_implementation)
         reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
+    # eval's responses are not bounded by max_length: a prompt and max_new_tokens must fit.
+    for loaded in [policy, ref] + ([rm] if reward is not None else []):
+        check_fits_context(loaded, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
     prepare_output_dir(out, config)
     seed_everything(config.seed)
 

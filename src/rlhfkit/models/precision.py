@@ -40,3 +40,35 @@ def store_linears_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in keep:
             module.to(torch.bfloat16)
     return model
+
+
+@contextlib.contextmanager
+def bf16_weights(model: torch.nn.Module):
+    """Run `model` in plain bf16, without autocast, for inference (sampling); its fp32 weights come back exactly.
+
+    Inside, every floating parameter except the input and output embeddings is a bf16 copy, the input
+    embedding's output is cast to bf16 and autocast is off. On exit the original tensors (not a round trip
+    through bf16) are put back, so training never sees a rounded weight.
+
+    Why: decoding one token runs ~40 small ops per layer, and under autocast each of them pays the autocast
+    dispatch and the casts of its fp32 activations; plain bf16 decoding is the way inference engines (vLLM,
+    as OpenRLHF and verl use it for rollouts) run a policy whose training keeps fp32 master weights. The
+    embeddings stay fp32: a lookup is exact in any dtype, and the LM head runs in fp32 (rollout/scoring.py).
+    Sampling from these weights is not scored: PPO's log-probs come from the scoring forward.
+    """
+    keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    originals = {}
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) in keep or param.dtype != torch.float32 or id(param) in originals:
+                continue
+            originals[id(param)] = (param, param.data)
+            param.data = param.data.to(torch.bfloat16)
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
+    try:
+        with torch.autocast(device_type=model.get_input_embeddings().weight.device.type, enabled=False):
+            yield model
+    finally:
+        hook.remove()
+        for param, data in originals.values():
+            param.data = data

@@ -24,6 +24,7 @@ from rlhfkit.core.masked import masked_mean
 from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhfkit.core.reward_shaping import shape_rewards
 from rlhfkit.errors import UserError
+from rlhfkit.models.loading import check_fits_context
 from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
@@ -35,6 +36,7 @@ from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
+from rlhfkit.trainers.optim import clip_gradients
 from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models, load_prompts_for
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
 
@@ -45,7 +47,7 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
-                               with_logprobs=config.logprobs_from_sampling)
+                               with_logprobs=config.logprobs_from_sampling, precision=config.mixed_precision)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                 [s.ended for s in samples], models.tokenizer.pad_token_id)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -125,8 +127,7 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * float(share)
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            norms = {name: float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                                max_norm))
+            norms = {name: clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm)
                      for name, model in (("policy", models.policy), ("critic", models.critic))}
             # A non-finite gradient (from a NaN/inf loss) skips both models' steps for this mini-batch.
             finite = guard.allows(*norms.values())
@@ -150,6 +151,7 @@ def run_ppo(config: PPOConfig) -> Path:
                         f"({config.rollout_batch_size})")
     seed_everything(config.seed)  # before loading: a fresh critic head is initialised from the RNG
     models = load_ppo_models(config)
+    check_fits_context(models.policy, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
     prompt_ids = models.encode_prompts(records)
     prepare_output_dir(out, config)
     optimizers = build_optimizers(models, config)
@@ -170,6 +172,8 @@ def run_ppo(config: PPOConfig) -> Path:
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         step = state["step"]
         print(f"resuming from {path} (iteration {step} of {config.max_steps})")
+    elif config.resume:
+        print(f"no checkpoint in {out / 'checkpoints'}; starting from iteration 0")
     log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
     samples_log = MetricsLog(out / "samples.jsonl", resume_step=resumed_from)
     from tqdm.auto import tqdm
