@@ -48,3 +48,26 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     capsys.readouterr()
     run_pipeline(load_pipeline(demo_path("tiny"), {"output_dir": str(out)}))
     assert capsys.readouterr().out.count("already done") == 6
+    # --algos on the finished demo runs only the new stages, and the report compares every policy.
+    assert main(["demo", "--preset", "tiny", "--output-dir", str(out), "--algos", "ppo,dpo,grpo"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == 6 and "running dpo" in printed and "running eval-grpo" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == {"sft", "ppo", "dpo", "grpo"}
+    assert {"dpo_gold_above_sft", "grpo_kl_within_budget"} <= set(summary["checks"])
+    for name in ("dpo", "grpo"):
+        assert summary["policies"][name]["model"].endswith(name) and summary["policies"][name]["n"] == 16
+    page = (out / "report.html").read_text()
+    assert "DPO training curves" in page and "GRPO training curves" in page
+    assert page.count("<th>grpo</th>") == 2  # the before/after table and the samples side by side
+
+
+def test_algos_replace_the_fine_tuning_stages_and_are_checked(tmp_path):
+    pipe = load_pipeline(demo_path("tiny"), {"output_dir": str(tmp_path), "algos": "dpo,grpo"})
+    assert pipe.stages == ["sft", "annotate", "reward", "dpo", "grpo", "eval"]
+    with pytest.raises(ConfigError, match="key 'algos': expected a non-empty list of ppo, dpo, grpo, rloo"):
+        load_pipeline(demo_path("tiny"), {"output_dir": str(tmp_path), "algos": "ppo,sac"})
+    bad = tmp_path / "p.yaml"
+    bad.write_text("output_dir: x\nalgos: dpo\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:2: key 'algos'"):
+        load_pipeline(bad)

@@ -20,9 +20,13 @@ stages:
   reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
   ppo        fine-tune the policy with PPO against the reward model, KL-penalised to a reference
   dpo        fine-tune the policy directly on preference pairs (DPO, cDPO, IPO): no reward model, no sampling
+  grpo       GRPO: K samples per prompt, group-relative advantages, no critic; rewards from a reward model
+             and/or Python functions (--reward-function module:function, e.g. verifiable rewards)
+  rloo       RLOO: REINFORCE with a leave-one-out baseline over K samples per prompt, KL in the reward
   eval       sample on held-out prompts: gold and proxy reward, KL to the reference, win rate -> eval.json
   pipeline   all of the above from one YAML file, then report.html and summary.json
-  demo       the pipeline on the embedded default (`--preset tiny`: a tiny model, about a minute)
+  demo       the pipeline on the embedded default (`--preset tiny`: a tiny model, about a minute;
+             `--algos ppo,dpo,grpo`: compare fine-tuning methods)
 
 Every config field is a flag (--output-dir DIR, --data PATH, --model PATH, ...); `rlhfkit <stage> --help`
 lists them with their help. Precedence: defaults < --preset < --config < flags."""
@@ -35,6 +39,8 @@ RUNNERS = {
     "reward": ("rlhfkit.trainers.reward", "run_reward"),
     "ppo": ("rlhfkit.trainers.ppo", "run_ppo"),
     "dpo": ("rlhfkit.trainers.dpo", "run_dpo"),
+    "grpo": ("rlhfkit.trainers.grpo", "run_grpo"),
+    "rloo": ("rlhfkit.trainers.grpo", "run_rloo"),
     "eval": ("rlhfkit.eval.evaluate", "run_eval"),
 }
 
@@ -81,12 +87,16 @@ def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]
 
 
 PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision no|bf16]
-       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision no|bf16]
+                        [--algos ppo,dpo,grpo,rloo]
+       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision no|bf16] [--algos ...]
 
 Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.
-`demo` runs the packaged pipeline on the embedded default (SmolLM2-135M-Instruct, chatterbot prompts, VADER
-as the gold judge); `--preset tiny` runs the same recipe on a tiny random model in about a minute.
-A finished stage is skipped when the same command is run again, so an interrupted pipeline continues."""
+`--algos ppo,dpo,grpo` runs those fine-tuning stages instead (DPO on the annotated preferences, GRPO and RLOO
+against the reward model) and evaluates each on the same held-out prompts: the report puts them in one table
+and on one gold-vs-KL plot. `demo` runs the packaged pipeline on the embedded default (SmolLM2-135M-Instruct,
+chatterbot prompts, VADER as the gold judge); `--preset tiny` runs the same recipe on a tiny random model in
+about a minute. A finished stage is skipped when the same command is run again, so an interrupted pipeline
+continues (and `--algos` on a finished demo runs only the new stages)."""
 
 
 def run_stage(stage: str, rest: list[str]):

@@ -196,6 +196,91 @@ class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
     save_every: int = opt(50, "Checkpoint every N iterations (0: only at the end).")
 
 
+# Names of rlhfkit.core.group_advantages.GROUP_ADVANTAGES and rlhfkit.core.ppo_loss.LOSS_AGGREGATIONS (spelled
+# out here so that `rlhfkit --help` needs no torch; a test checks that they agree).
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class GRPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
+    """GRPO (Shao et al. 2024): K samples per prompt, group-relative advantages instead of a critic, a clipped
+    surrogate and (beta > 0) a k3 KL to the reference inside the loss. Rewards come from a reward model and/or
+    Python functions 'module:function' (verifiable rewards), summed with reward_weights. Defaults follow TRL's
+    GRPOConfig: beta 0 (no reference model loaded), one pass per rollout, token-mean loss (TRL's 'dapo')."""
+
+    data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field; other fields "
+                           "are passed to reward functions); default: the chatterbot corpus prompts (training split).")
+    reward_model: str | None = opt(None, "Reward-model folder (from `rlhfkit reward`). At least one of reward_model "
+                                   "and reward_function is required; both may be given (summed with reward_weights).")
+    reward_function: str | None = opt(None, "Python reward function(s) 'module:function' (several: comma-separated), "
+                                      "called as fn(prompts, completions, **fields) -> one float per completion "
+                                      "(TRL's convention; fields: completion_ids and the prompt records' other fields).")
+    reward_weights: str | None = opt(None, "Comma-separated weights of the reward sources, the reward model first "
+                                     "(null: all 1).")
+    ref_model: str | None = opt(None, "Frozen reference policy for the KL term; default: --model. Not loaded when "
+                                "beta is 0.")
+    max_steps: int = opt(100, "Iterations (each: one rollout of prompts_per_step x num_generations completions, then "
+                         "num_iterations passes of updates).")
+    prompts_per_step: int = opt(8, "Prompts sampled per iteration.")
+    num_generations: int = opt(8, "K: completions sampled per prompt (K >= 2; the group of each advantage).")
+    mini_batch_size: int = opt(0, "Completions per optimizer step (must divide prompts_per_step x num_generations); "
+                               "0: the whole rollout, one step per pass (TRL's default: fully on-policy).")
+    gradient_accumulation_steps: int = opt(4, "Micro-batches per mini-batch (micro = mini / accumulation).")
+    forward_batch_size: int = opt(0, "Completions per no-grad scoring forward after sampling (policy, reference, "
+                                     "reward model); 0: the training micro-batch.")
+    num_iterations: int = opt(1, "Passes over each rollout (TRL's num_iterations, PPO's epochs). With 1 pass and "
+                              "one mini-batch the importance ratio is exactly 1.")
+    max_new_tokens: int = opt(48, "Most tokens generated per completion.")
+    temperature: float = opt(1.0, "Sampling temperature; the same temperature scores the log-probs.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; anything else makes the ratio approximate).")
+    learning_rate: float = opt(1e-6, "Policy learning rate (AdamW); TRL's default.")
+    lr_scheduler: str = opt("constant", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.0, "Share of the optimizer steps spent warming the learning rate up from 0.")
+    beta: float = opt(0.0, "KL coefficient. GRPO: beta * k3 KL to the reference, inside the loss (DeepSeekMath used "
+                      "0.04; TRL, Dr. GRPO and DAPO use 0). 0 loads no reference model.")
+    kl_in_reward: bool = opt(False, "Subtract beta * the summed per-token KL (kl_estimator) from each completion's "
+                             "reward before the advantages, instead of adding beta * k3 to the loss (RLOO's way).")
+    kl_estimator: str = opt("k1", "Per-token KL estimator when kl_in_reward (the loss always uses k3).",
+                            choices=("k1", "k2", "k3", "abs"))
+    advantage: str = opt("grpo", "Group baseline: 'grpo' (r - mean) / std, 'dr_grpo' r - mean (no std: no "
+                         "difficulty bias), 'rloo' r - mean of the other K-1.", choices=ADVANTAGES)
+    loss_aggregation: str = opt("token-mean", "Loss over tokens: 'token-mean' (every token of the mini-batch "
+                                "alike; TRL's default 'dapo'), 'seq-mean-token-mean' (original GRPO), "
+                                "'seq-mean-token-sum' (REINFORCE on each sequence), 'seq-mean-token-sum-norm' "
+                                "(Dr. GRPO: divided by max_new_tokens).", choices=LOSS_AGGREGATIONS)
+    clip_eps: float = opt(0.2, "Ratio clip epsilon (TRL's epsilon).")
+    clip_eps_high: float | None = opt(None, "Upper clip epsilon (default: clip_eps; DAPO's clip-higher uses 0.28).")
+    missing_eos_penalty: float | None = opt(None, "Subtracted from the reward of completions that hit "
+                                            "max_new_tokens without EOS (null: no penalty).")
+    mask_truncated_completions: bool = opt(False, "Completions without EOS count in their group's baseline but add "
+                                           "nothing to the loss (DAPO; TRL's mask_truncated_completions).")
+    gold_scorer: str | None = opt(None, "Also log a gold score of the samples ('vader' or 'module:function'); never "
+                                  "used for training.")
+    sample_every: int = opt(10, "Log a table of sample generations every N iterations (0: never).")
+    save_every: int = opt(50, "Checkpoint every N iterations (0: only at the end).")
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): REINFORCE with the leave-one-out baseline of K samples per
+    prompt. As in the paper and TRL's RLOOTrainer, the KL is part of the reward: each completion's reward is
+    score - beta * sum_t (log pi - log pi_ref) (k1) before the baseline, and the loss is REINFORCE on the sequence
+    (seq-mean-token-sum), clipped per token when a rollout is reused (later mini-batches, num_iterations > 1;
+    TRL clips the sequence ratio instead, which is the same at ratio 1). Defaults follow TRL's RLOOConfig."""
+
+    num_generations: int = opt(2, "K: completions sampled per prompt (K >= 2; TRL's RLOO default is 2).")
+    beta: float = opt(0.05, "KL coefficient: beta * the summed per-token KL (kl_estimator) is subtracted from each "
+                      "completion's reward (TRL's RLOO default 0.05). 0 loads no reference model.")
+    kl_in_reward: bool = opt(True, "Subtract beta * the summed per-token KL (kl_estimator) from each completion's "
+                             "reward before the advantages (RLOO), instead of adding beta * k3 to the loss (GRPO).")
+    advantage: str = opt("rloo", "Group baseline: 'rloo' r - mean of the other K-1, 'grpo' (r - mean) / std, "
+                         "'dr_grpo' r - mean.", choices=ADVANTAGES)
+    loss_aggregation: str = opt("seq-mean-token-sum", "Loss over tokens: 'seq-mean-token-sum' (REINFORCE on each "
+                                "sequence's log-prob, as TRL's RLOO), 'token-mean', 'seq-mean-token-mean', "
+                                "'seq-mean-token-sum-norm'.", choices=LOSS_AGGREGATIONS)
+
+
 @dataclass
 class EvalConfig(RunConfig):
     """Sample responses from a policy on held-out prompts; score them (gold, reward model), measure KL to a
@@ -216,7 +301,7 @@ class EvalConfig(RunConfig):
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig, "ppo": PPOConfig,
-                           "dpo": DPOConfig, "eval": EvalConfig}
+                           "dpo": DPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,14 +461,14 @@ def build_config(stage: str, config_file: str | None = None, preset: str | None 
 def validate(config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
-                "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "mini_batch_size", "ppo_epochs",
-                "max_bad_steps")
+                "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "ppo_epochs", "max_bad_steps",
+                "prompts_per_step", "num_iterations")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
     nonneg = ("max_steps", "eval_every", "save_every", "keep_last_n", "max_samples", "num_prompts",
               "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate",
-              "forward_batch_size")
+              "forward_batch_size", "beta", "mini_batch_size")
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")
@@ -400,6 +485,10 @@ def validate(config) -> None:
         raise ConfigError("key 'num_epochs': must be > 0 when max_steps is 0")
     if hasattr(config, "responses_per_prompt") and config.responses_per_prompt < 2:
         raise ConfigError(f"key 'responses_per_prompt': must be >= 2, got {config.responses_per_prompt}")
+    if hasattr(config, "rollout_batch_size") and config.mini_batch_size < 1:
+        raise ConfigError(f"key 'mini_batch_size': must be >= 1, got {config.mini_batch_size}")
+    if hasattr(config, "num_generations"):
+        _validate_group(config)
     if hasattr(config, "rollout_batch_size"):
         if config.rollout_batch_size % config.mini_batch_size:
             raise ConfigError(f"key 'mini_batch_size': must divide rollout_batch_size ({config.rollout_batch_size}), "
@@ -411,6 +500,25 @@ def validate(config) -> None:
             raise ConfigError(f"key 'dual_clip': must be > 1, got {config.dual_clip}")
     if hasattr(config, "temperature") and config.temperature <= 0:
         raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
+
+
+def _validate_group(config) -> None:
+    """GRPO/RLOO: the rollout splits into whole mini-batches, and those into whole micro-batches."""
+    if config.num_generations < 2:
+        raise ConfigError(f"key 'num_generations': must be >= 2 (a group baseline needs other samples), "
+                          f"got {config.num_generations}")
+    rollout = config.prompts_per_step * config.num_generations
+    mini = config.mini_batch_size or rollout
+    if rollout % mini:
+        raise ConfigError(f"key 'mini_batch_size': must divide prompts_per_step x num_generations ({rollout}), "
+                          f"got {config.mini_batch_size}")
+    if mini % config.gradient_accumulation_steps:
+        raise ConfigError(f"key 'gradient_accumulation_steps': must divide the mini-batch ({mini} completions), "
+                          f"got {config.gradient_accumulation_steps}")
+    if config.clip_eps_high is not None and config.clip_eps_high < 0:
+        raise ConfigError(f"key 'clip_eps_high': must be >= 0, got {config.clip_eps_high}")
+    if not 0 <= config.clip_eps <= 1:
+        raise ConfigError(f"key 'clip_eps': must be in [0, 1], got {config.clip_eps}")
 
 
 def to_yaml(config) -> str:

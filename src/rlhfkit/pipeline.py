@@ -5,17 +5,20 @@
     seed: 0
     mixed_precision: bf16          # applied to every stage unless a section says otherwise
     gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
-    kl_budget: 15.0                # nats per response; the summary checks the PPO policy against it
+    kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
     keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
     stages: [sft, annotate, reward, ppo, eval]
+    algos: [ppo, dpo, grpo]        # optional: the fine-tuning stages to run instead of those in `stages`
     sft: {max_steps: 40}           # any field of that stage's config
     annotate: {num_prompts: 128}
     reward: {...}
     ppo: {...}
     eval: {...}
 
-Stages are wired together (SFT output -> annotation model, preferences -> reward model, ...); a key given in
-a section wins over the wiring. A finished stage leaves `.done` in its folder and is skipped when the
+Stages are wired together (SFT output -> annotation model, preferences -> reward model and DPO, reward model
+-> PPO, GRPO and RLOO); a key given in a section wins over the wiring. `eval` evaluates the starting policy and
+every fine-tuned one (ppo, dpo, grpo, rloo) on the same held-out prompts, against the starting policy, and the
+report puts them side by side and on one gold-vs-KL plot. A finished stage leaves `.done` in its folder and is skipped when the
 pipeline is run again, so an interrupted pipeline continues where it stopped.
 """
 
@@ -32,9 +35,10 @@ import yaml
 from rlhfkit.config import STAGES, _yaml_mapping, coerce, preset_path, validate
 from rlhfkit.errors import ConfigError
 
-ALL_STAGES = ("sft", "annotate", "reward", "ppo", "eval")
+ALL_STAGES = ("sft", "annotate", "reward", "ppo", "dpo", "grpo", "rloo", "eval")
+ALGOS = ("ppo", "dpo", "grpo", "rloo")  # the fine-tuning stages: each yields a policy to evaluate
 TOP_LEVEL = {"output_dir": str, "model": str, "seed": int, "mixed_precision": str, "gold_scorer": str,
-             "kl_budget": float, "keep_checkpoints": bool, "stages": list}
+             "kl_budget": float, "keep_checkpoints": bool, "stages": list, "algos": list}
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Pipeline:
     gold_scorer: str = "vader"
     kl_budget: float = 15.0
     keep_checkpoints: bool = False
-    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    stages: list[str] = field(default_factory=lambda: ["sft", "annotate", "reward", "ppo", "eval"])
     sections: dict[str, dict] = field(default_factory=dict)
     where: dict[str, dict] = field(default_factory=dict)  # stage -> key -> "file:line" for error messages
 
@@ -68,6 +72,9 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     nested = _section_lines(path) if values else {}
     for key, text in (overrides or {}).items():
         kind = TOP_LEVEL.get(key)
+        if key == "algos" and isinstance(text, str):  # --algos ppo,dpo,grpo
+            values[key] = [a.strip() for a in text.split(",") if a.strip()]
+            continue
         if kind is None or kind is list:
             raise ConfigError(f"--{key.replace('_', '-')}: not a pipeline setting (use the YAML file's sections)")
         try:
@@ -80,6 +87,7 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
     pipe = Pipeline(output_dir=Path(values.get("output_dir") or "runs/pipeline"))
+    algos: list[str] = []
     for key, value in values.items():
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         if key in STAGES and key in ALL_STAGES:
@@ -97,6 +105,11 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
             if not isinstance(value, list) or not all(s in ALL_STAGES for s in value):
                 raise ConfigError(f"{where}: key 'stages': expected a list of {', '.join(ALL_STAGES)}, got {value!r}")
             pipe.stages = list(value)
+        elif key == "algos":
+            if not isinstance(value, list) or not value or not all(a in ALGOS for a in value):
+                raise ConfigError(f"{where}: key 'algos': expected a non-empty list of {', '.join(ALGOS)}, "
+                                  f"got {value!r}")
+            algos = list(dict.fromkeys(value))
         elif key == "output_dir":
             pipe.output_dir = Path(str(value))
         else:
@@ -105,6 +118,10 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
             if wrong_bool or not isinstance(value, (kind, int) if kind is float else kind):
                 raise ConfigError(f"{where}: key '{key}': expected {kind.__name__}, got {value!r}")
             setattr(pipe, key, kind(value))
+    if algos:  # the fine-tuning stages of `stages` give way to `algos`, in its order, before eval
+        kept = [st for st in pipe.stages if st not in ALGOS]
+        at = kept.index("eval") if "eval" in kept else len(kept)
+        pipe.stages = kept[:at] + algos + kept[at:]
     if pipe.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"{path}: key 'mixed_precision': expected no or bf16, got {pipe.mixed_precision!r}")
     # Check every section now, before any stage runs: a typo in `eval` must not surface after an hour of PPO.
@@ -116,7 +133,7 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
 
 # The record kind each stage reads from a `data` / `eval_data` file named in its section.
 SECTION_DATA_KINDS = {"sft": "sft", "annotate": "prompt", "reward": "preference", "ppo": "prompt", "dpo": "preference",
-                      "eval": "prompt"}
+                      "grpo": "prompt", "rloo": "prompt", "eval": "prompt"}
 
 
 def check_data_files(pipe: Pipeline) -> None:
@@ -159,7 +176,9 @@ def run_pipeline(pipe: Pipeline) -> Path:
         "annotate": {"model": policy0, "output_dir": str(out / "annotate")},
         "reward": {"model": policy0, "data": str(out / "annotate" / "preferences.jsonl"),
                    "output_dir": str(out / "reward")},
-        "ppo": {"model": policy0, "reward_model": str(out / "reward"), "output_dir": str(out / "ppo")},
+        "dpo": {"model": policy0, "data": str(out / "annotate" / "preferences.jsonl"), "output_dir": str(out / "dpo")},
+        **{algo: {"model": policy0, "reward_model": str(out / "reward"), "output_dir": str(out / algo)}
+           for algo in ("ppo", "grpo", "rloo")},
     }
     timings: dict[str, float] = {}
     timing_file = out / "timings.json"
@@ -171,7 +190,7 @@ def run_pipeline(pipe: Pipeline) -> Path:
             jobs.append((stage, stage, stage_config(pipe, stage, wiring[stage])))
             continue
         # Evaluate the starting policy and every trained one on the same held-out prompts, against policy0.
-        policies = {"sft": policy0} | ({"ppo": str(out / "ppo")} if "ppo" in pipe.stages else {})
+        policies = {"sft": policy0} | {algo: str(out / algo) for algo in pipe.stages if algo in ALGOS}
         reward_model = str(out / "reward") if "reward" in pipe.stages else None
         for name, model in policies.items():
             jobs.append((f"eval-{name}", "eval", stage_config(

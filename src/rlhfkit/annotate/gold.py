@@ -8,10 +8,10 @@ label pairs and evaluate, which is what lets us measure reward over-optimisation
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from rlhfkit.errors import UserError
+from rlhfkit.rollout.reward_functions import import_function
 
 GoldScorer = Callable[[list[str], list[str]], list[float]]
 
@@ -33,14 +33,7 @@ def load_gold_scorer(spec: str) -> GoldScorer:
         return vader_scorer()
     if ":" not in spec:
         raise UserError(f"gold scorer '{spec}': expected 'vader' or 'module:function'")
-    module_name, func_name = spec.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"gold scorer '{spec}': cannot import module '{module_name}': {exc}") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise UserError(f"gold scorer '{spec}': module '{module_name}' has no function '{func_name}'")
+    func = import_function(spec, "gold scorer")
 
     def checked(prompts: list[str], responses: list[str]) -> list[float]:
         scores = list(func(prompts, responses))

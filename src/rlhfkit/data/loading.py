@@ -26,13 +26,14 @@ _COLUMNS = {
 }
 
 
-def load_records(path, kind: str) -> list[dict]:
+def load_records(path, kind: str, keep_extra: bool = False) -> list[dict]:
     """All records of `kind` in `path`, validated and normalised (see `formats.validate_record`).
 
     `path` is a ``.jsonl`` file (one JSON object per line, blank lines skipped), a ``.json`` file
     (JSONL, or one top-level array of objects, or a single object), a ``.parquet`` file, or a folder
     written by ``datasets.Dataset.save_to_disk``. Raises `DataError` for a missing path, an unknown
-    file type, unreadable content, an invalid record, or no records at all.
+    file type, unreadable content, an invalid record, or no records at all. With `keep_extra`, a record's
+    other fields (e.g. an `answer` for a verifiable reward) are kept beside the normalised ones.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r} (expected one of: {', '.join(KINDS)})")
@@ -51,6 +52,9 @@ def load_records(path, kind: str) -> list[dict]:
         raise DataError(path, None, None, f"unsupported file type '{path.suffix}' "
                                           "(expected .jsonl, .json, .parquet or a datasets folder)")
     records = [validate_record(record, kind, path, line) for line, record in rows]
+    if keep_extra:
+        records = [{**{k: v for k, v in raw.items() if k not in record}, **record} if isinstance(raw, dict)
+                   else record for (_, raw), record in zip(rows, records)]
     if not records:
         raise DataError(path, None, None, "no records")
     return records

@@ -14,10 +14,19 @@ from pathlib import Path
 
 from rlhfkit.trainers.metrics_log import read_metrics
 
-# (metric key in metrics.jsonl, title) of the training curves we plot when present.
-CURVES = [("objective/scores", "Reward-model score"), ("objective/gold", "Gold score (VADER)"),
-          ("objective/kl", "KL to reference (nats / response)"), ("ppo/entropy", "Policy entropy (nats / token)"),
-          ("loss/value", "Value loss"), ("ppo/clipfrac", "Clip fraction")]
+# Training curves per fine-tuning stage: (metric key in its metrics.jsonl, title), plotted when present.
+_RL_CURVES = [("objective/scores", "Reward-model score"), ("objective/gold", "Gold score (VADER)"),
+              ("objective/kl", "KL to reference (nats / response)"), ("ppo/entropy", "Policy entropy (nats / token)"),
+              ("loss/value", "Value loss"), ("ppo/clipfrac", "Clip fraction"),
+              ("response/length_mean", "Response length (tokens)")]
+CURVES = {
+    "ppo": ("PPO iteration", _RL_CURVES),
+    "grpo": ("GRPO iteration", _RL_CURVES),
+    "rloo": ("RLOO iteration", _RL_CURVES),
+    "dpo": ("optimizer step", [("loss", "DPO loss"), ("dpo/accuracy", "Implicit-reward accuracy (train)"),
+                               ("dpo/margin", "Implicit-reward margin"), ("dpo/chosen_reward", "Chosen reward"),
+                               ("dpo/rejected_reward", "Rejected reward"), ("eval/dpo/accuracy", "Held-out accuracy")]),
+}
 # (eval.json key prefix, label) of the before/after table.
 TABLE = [("gold_reward", "Gold score (held-out)"), ("proxy_reward", "Reward-model score"),
          ("kl_to_reference", "KL to reference (nats)"), ("win_rate_vs_reference", "Gold win rate vs reference"),
@@ -42,13 +51,13 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
     return out
 
 
-def curves_png(rows: list[dict]) -> str | None:
+def curves_png(rows: list[dict], curves: list[tuple[str, str]], xlabel: str) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [(k, t) for k, t in CURVES if any(k in r for r in rows)]
+    present = [(k, t) for k, t in curves if any(k in r for r in rows)]
     if not present:
         return None
     cols = 3
@@ -60,7 +69,7 @@ def curves_png(rows: list[dict]) -> str | None:
         ax.plot(steps, values, color="#9ab", lw=1, label="per step")
         ax.plot(steps, _smooth(values), color="#1f5f8b", lw=2, label="moving mean (5)")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
@@ -183,10 +192,11 @@ def write_report(out: Path, kl_budget: float, timings: dict) -> Path:
         plane = gold_vs_kl_png(evals)
         if plane:
             parts.append(f"<h2>Gold score against KL to the reference</h2><img src='data:image/png;base64,{plane}'>")
-    ppo_rows = read_metrics(out / "ppo" / "metrics.jsonl") if (out / "ppo" / "metrics.jsonl").is_file() else []
-    curves = curves_png(ppo_rows)
-    if curves:
-        parts.append(f"<h2>PPO training curves</h2><img src='data:image/png;base64,{curves}'>")
+    for stage, (xlabel, wanted) in CURVES.items():
+        metrics = out / stage / "metrics.jsonl"
+        curves = curves_png(read_metrics(metrics), wanted, xlabel) if metrics.is_file() else None
+        if curves:
+            parts.append(f"<h2>{stage.upper()} training curves</h2><img src='data:image/png;base64,{curves}'>")
     rm = summary["reward_model"]
     if rm:
         agreement = f", agreement with the gold scorer {rm['gold_agreement']:.3f}" if "gold_agreement" in rm else ""

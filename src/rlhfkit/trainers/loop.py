@@ -23,7 +23,7 @@ from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint
 from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
 from rlhfkit.trainers.metrics_log import MetricsLog
-from rlhfkit.trainers.optim import build_optimizer, build_scheduler
+from rlhfkit.trainers.optim import clip_gradients, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -117,7 +117,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            grad_norm = clip_gradients(params, max_norm)
             if guard.allows(loss_sum, grad_norm):
                 optimizer.step()
                 scheduler.step()

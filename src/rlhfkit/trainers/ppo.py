@@ -30,10 +30,11 @@ from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
-from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
-                                         save_checkpoint, seed_everything)
+from rlhfkit.trainers.checkpoint import (load_model_weights,
+                                         seed_everything)
 from rlhfkit.trainers.guard import NonFiniteGuard
-from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
+from rlhfkit.trainers.rl_run import checkpoint_iteration, log_iteration, resume
+from rlhfkit.trainers.interrupt import stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import clip_gradients
@@ -162,18 +163,11 @@ def run_ppo(config: PPOConfig) -> Path:
     guard = NonFiniteGuard(config.max_bad_steps)  # counts mini-batches skipped for a non-finite gradient
     stateful = {**optimizers, "kl_controller": kl_ctl, "guard": guard}
 
-    step, resumed_from = 0, None
-    found = latest_good_checkpoint(out) if config.resume else None
-    if found:
-        resumed_from, path = found
-        load_model_weights(models.policy, path / "model")
-        load_model_weights(models.critic, path / "model" / "critic")
-        state = load_checkpoint(path, stateful)
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        step = state["step"]
-        print(f"resuming from {path} (iteration {step} of {config.max_steps})")
-    elif config.resume:
-        print(f"no checkpoint in {out / 'checkpoints'}; starting from iteration 0")
+    def load_weights(folder: Path) -> None:
+        load_model_weights(models.policy, folder)
+        load_model_weights(models.critic, folder / "critic")
+
+    step, resumed_from = resume(out, config, stateful, generator, load_weights)
     log = MetricsLog(out / "metrics.jsonl", resume_step=resumed_from)
     samples_log = MetricsLog(out / "samples.jsonl", resume_step=resumed_from)
     from tqdm.auto import tqdm
@@ -215,24 +209,12 @@ def run_ppo(config: PPOConfig) -> Path:
                    "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
             if models.gold is not None:
                 row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
-            if step % config.log_every == 0 or step == config.max_steps or guard.exhausted:
-                log.write(row)
-            if guard.exhausted:
-                bar.close()
-                raise UserError(f"iteration {step}: {guard.in_a_row} mini-batches in a row had a non-finite "
-                                f"gradient and were skipped; stopping (max_bad_steps). Checkpoints in "
-                                f"{out}/checkpoints are intact; lower the learning rate or check the reward model")
+            log_iteration(step, row, config, log, guard, out, bar, "check the reward model")
             if config.sample_every and (step % config.sample_every == 0 or step == 1):
                 for i in range(min(4, len(batch))):
                     samples_log.write({"step": step, "prompt": batch_records[i]["prompt"], "response": texts[i],
                                        "score": float(old["scores"][i])})
-            stopping = stop.signum is not None and step < config.max_steps
-            if step == config.max_steps or stopping or (config.save_every and step % config.save_every == 0):
-                saved = save_checkpoint(out, step, models.save, stateful,
-                                        {"generator": generator.get_state().tolist()}, config.keep_last_n)
-                if stopping:
-                    bar.close()
-                    raise TrainingStopped(stop.signum, step, saved)
+            checkpoint_iteration(step, config, out, stop, models.save, stateful, generator, bar)
             bar.update(1)
             bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
     bar.close()

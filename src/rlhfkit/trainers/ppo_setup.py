@@ -21,8 +21,20 @@ from rlhfkit.trainers.output_dir import save_hf_folder
 from rlhfkit.trainers.stage_data import prompt_records
 
 
+class PromptsAndGold:
+    """Shared by the models of the sampling trainers (fields `tokenizer`, `gold`, `config`): prompt token ids
+    and gold scores of samples, for logging only."""
+
+    def encode_prompts(self, records: list[dict]) -> list[list[int]]:
+        c = self.config
+        return [tokenize_prompt(self.tokenizer, r["prompt"], c.max_prompt_length, c.use_chat_template) for r in records]
+
+    def gold_scores(self, records: list[dict], texts: list[str]) -> list[float]:
+        return self.gold([prompt_text(r["prompt"]) for r in records], texts)
+
+
 @dataclass
-class PPOModels:
+class PPOModels(PromptsAndGold):
     policy: torch.nn.Module        # trained (the actor)
     ref: torch.nn.Module           # frozen copy of the starting policy
     critic: torch.nn.Module        # trained value model (trunk + scalar head)
@@ -31,12 +43,6 @@ class PPOModels:
     gold: Callable | None          # optional gold scorer, for logging only
     config: PPOConfig
 
-    def encode_prompts(self, records: list[dict]) -> list[list[int]]:
-        c = self.config
-        return [tokenize_prompt(self.tokenizer, r["prompt"], c.max_prompt_length, c.use_chat_template) for r in records]
-
-    def gold_scores(self, records: list[dict], texts: list[str]) -> list[float]:
-        return self.gold([prompt_text(r["prompt"]) for r in records], texts)
 
     def save(self, folder: Path) -> None:
         """The policy as a standard HF folder; the critic beside it in `critic/` (a reward-model folder)."""
