@@ -171,6 +171,12 @@ def stage_argv(stage: str, data: Path, reward_folder: Path | None = None) -> lis
         # 16 pairs, batch 4: an epoch every 4 steps; a checkpoint every step, the last two kept.
         options = dict(data=data / "pairs.jsonl", eval_data=data / "pairs_eval.jsonl", max_steps=6, batch_size=4,
                        save_every=1, keep_last_n=2, eval_every=3, warmup_ratio=0.25, lr_scheduler="cosine")
+    elif stage in ("grpo", "rloo"):
+        # 8 prompts, 2 per rollout x 4 completions: an epoch every 4 iterations; two passes of two mini-batches
+        # per rollout (ratios away from 1) and a reference (beta > 0), so the optimizer state matters.
+        options = dict(data=data / "prompts.jsonl", reward_model=reward_folder, max_steps=5, prompts_per_step=2,
+                       num_generations=4, mini_batch_size=4, gradient_accumulation_steps=2, num_iterations=2,
+                       max_new_tokens=6, beta=0.04, save_every=1, keep_last_n=2, sample_every=1)
     else:
         # 8 prompts, 4 per rollout: an epoch every 2 iterations; adaptive KL so that its state must resume.
         options = dict(data=data / "prompts.jsonl", reward_model=reward_folder, max_steps=4, rollout_batch_size=4,
@@ -180,8 +186,10 @@ def stage_argv(stage: str, data: Path, reward_folder: Path | None = None) -> lis
 
 
 OUTPUTS = {"sft": ("model.safetensors",), "reward": ("model.safetensors",), "dpo": ("model.safetensors",),
-           "ppo": ("model.safetensors", "critic/model.safetensors")}
-LOGS = {"ppo": ("metrics.jsonl", "samples.jsonl")}
+           "ppo": ("model.safetensors", "critic/model.safetensors"), "grpo": ("model.safetensors",),
+           "rloo": ("model.safetensors",)}
+LOGS = {"ppo": ("metrics.jsonl", "samples.jsonl"), "grpo": ("metrics.jsonl", "samples.jsonl"),
+        "rloo": ("metrics.jsonl", "samples.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +306,8 @@ RANDOM_KILLS = [
     # sample row (after checkpoint step-1), then while the resumed run appends iteration 3's metrics row.
     ("ppo", 4, ["torn:samples.jsonl:6", "torn:metrics.jsonl:3"], 4, 13),
     ("dpo", 6, [], 4, 14),
+    ("grpo", 5, [], 3, 15),
+    ("rloo", 5, [], 3, 16),
 ]
 
 

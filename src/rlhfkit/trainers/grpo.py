@@ -32,15 +32,14 @@ from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logits, response_logprobs
-from rlhfkit.trainers.checkpoint import (load_model_weights,
-                                         seed_everything)
+from rlhfkit.trainers.checkpoint import load_model_weights, seed_everything
 from rlhfkit.trainers.grpo_setup import GroupModels, load_group_models, load_group_prompts
 from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.rl_run import checkpoint_iteration, log_iteration, resume
 from rlhfkit.trainers.interrupt import stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
-from rlhfkit.trainers.optim import build_optimizer, build_scheduler
+from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
 
 # How much of a mini-batch's loss a micro-batch carries, per loss aggregation: its share of the units the
@@ -176,8 +175,7 @@ def group_update(models: GroupModels, optimizer, scheduler, batch, old: dict, ad
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * float(share)
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_([p for p in models.policy.parameters() if p.requires_grad],
-                                                        max_norm))
+            norm = clip_gradients([p for p in models.policy.parameters() if p.requires_grad], max_norm)
             # A non-finite gradient (from a NaN/inf loss or reward) skips this mini-batch's step.
             if guard.allows(norm):
                 optimizer.step()
