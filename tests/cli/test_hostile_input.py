@@ -26,6 +26,8 @@ COMMANDS = {
     "dpo": ("preference", ["--preset", "tiny"]),
     "annotate": ("prompt", ["--preset", "tiny"]),
     "ppo": ("prompt", ["--preset", "tiny", "--reward-model", "tiny"]),
+    "grpo": ("prompt", ["--preset", "tiny", "--reward-model", "tiny"]),
+    "rloo": ("prompt", ["--preset", "tiny", "--reward-model", "tiny"]),
     "eval": ("prompt", ["--preset", "tiny", "--model", "tiny"]),
 }
 
