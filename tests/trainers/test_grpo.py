@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import rlhfkit.trainers.grpo as grpo_module
 import rlhfkit.trainers.grpo_setup as grpo_setup
+import rlhfkit.trainers.rl_models as rl_models
 from rlhfkit.cli import main
 from rlhfkit.config import ADVANTAGES, LOSS_AGGREGATIONS
 from rlhfkit.core.group_advantages import GROUP_ADVANTAGES
@@ -97,7 +98,8 @@ def test_grpo_writes_policy_metrics_samples_and_checkpoints(tmp_path, prompts):
 def test_beta_zero_loads_no_reference_and_beta_logs_a_growing_kl(tmp_path, monkeypatch, prompts):
     loaded = []
     real = grpo_setup.load_causal_lm
-    monkeypatch.setattr(grpo_setup, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
+    for module in (grpo_setup, rl_models):  # the policy loads in grpo_setup, the reference in rl_models
+        monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
     models = []
     real_models = grpo_module.load_group_models
     monkeypatch.setattr(grpo_module, "load_group_models", lambda c: models.append(real_models(c)) or models[-1])

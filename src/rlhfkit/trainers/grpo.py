@@ -33,7 +33,8 @@ from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logits, response_logprobs
 from rlhfkit.trainers.checkpoint import load_model_weights, seed_everything
-from rlhfkit.trainers.grpo_setup import GroupModels, load_group_models, load_group_prompts
+from rlhfkit.trainers.grpo_setup import GroupModels, load_group_models
+from rlhfkit.trainers.rl_models import load_prompts_for
 from rlhfkit.trainers.guard import NonFiniteGuard
 from rlhfkit.trainers.rl_run import checkpoint_iteration, log_iteration, resume
 from rlhfkit.trainers.interrupt import stop_on_signals
@@ -193,7 +194,7 @@ def _repeat(items: list, k: int) -> list:
 
 def run_group(config: GRPOConfig, stage: str) -> Path:
     out = resolve_output_dir(config, stage)
-    records = load_group_prompts(config)
+    records = load_prompts_for(config, keep_extra=True)
     if len(records) < config.prompts_per_step:
         raise UserError(f"{config.data or 'prompts'}: {len(records)} prompts, fewer than prompts_per_step "
                         f"({config.prompts_per_step})")

@@ -16,14 +16,11 @@ import torch
 from rlhfkit.config import GRPOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.models.precision import store_linears_in_bf16
-from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.reward_functions import RewardFunction, parse_reward_functions, parse_weights
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.output_dir import save_hf_folder
-from rlhfkit.trainers.ppo_setup import PromptsAndGold
-from rlhfkit.trainers.stage_data import embedded_prompts
+from rlhfkit.trainers.rl_models import PromptsAndGold, load_gold, load_reference, load_reward_scorer
 
 
 @dataclass
@@ -68,19 +65,6 @@ class GroupModels(PromptsAndGold):
         save_hf_folder(self.policy, self.tokenizer, folder)
 
 
-def load_group_prompts(config: GRPOConfig) -> list[dict]:
-    """Prompt records; with --data, each record keeps its other fields for the reward functions."""
-    if config.data:
-        from rlhfkit.data.loading import load_records
-
-        records = load_records(config.data, "prompt", keep_extra=True)
-    else:
-        records = embedded_prompts("train")
-    if not records:
-        raise UserError("no prompts to train on")
-    return records
-
-
 def load_reward_sources(config: GRPOConfig, policy_tokenizer) -> RewardSources:
     if not config.reward_model and not config.reward_function:
         raise UserError("a reward is required: --reward-model (a folder written by `rlhfkit reward`) and/or "
@@ -88,16 +72,7 @@ def load_reward_sources(config: GRPOConfig, policy_tokenizer) -> RewardSources:
     functions = parse_reward_functions(config.reward_function)  # imported first: a bad one fails before any load
     names = (["reward_model"] if config.reward_model else []) + [f.name for f in functions]
     weights = parse_weights(config.reward_weights, len(names), names)
-    scorer = None
-    if config.reward_model:
-        reward_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
-        reward_model = load_reward_model(config.reward_model, reward_tokenizer.pad_token_id, config.dtype,
-                                         config.trust_remote_code, config.attn_implementation)
-        reward_model.requires_grad_(False).eval()
-        if config.mixed_precision == "bf16":  # it only runs under autocast (rollout_and_score)
-            store_linears_in_bf16(reward_model)
-        scorer = RewardScorer(reward_model, reward_tokenizer, policy_tokenizer, config.max_prompt_length,
-                              config.use_chat_template)
+    scorer = load_reward_scorer(config, policy_tokenizer) if config.reward_model else None
     return RewardSources(scorer, functions, weights)
 
 
@@ -105,16 +80,6 @@ def load_group_models(config: GRPOConfig) -> GroupModels:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     rewards = load_reward_sources(config, tokenizer)
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
-    ref = None
-    if config.beta > 0:  # beta == 0: no reference at all (one model's memory saved)
-        ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
-                             config.attn_implementation)
-        ref.requires_grad_(False).eval()
-        if config.mixed_precision == "bf16":
-            store_linears_in_bf16(ref)
-    gold = None
-    if config.gold_scorer:
-        from rlhfkit.annotate.gold import load_gold_scorer
-
-        gold = load_gold_scorer(config.gold_scorer)
+    ref = load_reference(config) if config.beta > 0 else None  # beta == 0: no reference at all (memory)
+    gold = load_gold(config)
     return GroupModels(policy, ref, rewards, tokenizer, gold, config)

@@ -38,7 +38,8 @@ from rlhfkit.trainers.interrupt import stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import clip_gradients
-from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models, load_prompts_for
+from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models
+from rlhfkit.trainers.rl_models import load_prompts_for
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
 
 

@@ -27,9 +27,10 @@ def embedded_prompts(split: str) -> list[dict]:
     return prompts
 
 
-def prompt_records(data: str | None, split: str, limit: int = 0) -> list[dict]:
-    """Prompt records from the user's file, else the embedded corpus's `split`; at most `limit` (0: all)."""
-    records = load_records(data, "prompt") if data else embedded_prompts(split)
+def prompt_records(data: str | None, split: str, limit: int = 0, keep_extra: bool = False) -> list[dict]:
+    """Prompt records from the user's file (with its other fields if `keep_extra`), else the embedded corpus's
+    `split`; at most `limit` (0: all)."""
+    records = load_records(data, "prompt", keep_extra=keep_extra) if data else embedded_prompts(split)
     return records[:limit] if limit > 0 else records
 
 
