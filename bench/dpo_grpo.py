@@ -19,6 +19,7 @@ chatterbot prompts, the pair's own answer as chosen and another prompt's answer 
 per-device batch, gradient accumulation, max_length, beta, sigmoid loss, learning rate, linear schedule without
 warm-up. samples/s = preference pairs per second of training steps.
 - `rlhfkit`: the reference model held in memory (a no-grad forward per micro-batch).
+- `rlhfkit-gc`: the same with `gradient_checkpointing`, as TRL's default has it.
 - `rlhfkit-precompute`: `precompute_ref_logprobs`; the reference pass over the data runs once before training
   and is NOT timed (only training steps are), nor for `trl-precompute`.
 - `trl`, `trl-precompute`: TRL as its users get it (`precompute_ref_log_probs` for the second): its defaults,
@@ -34,7 +35,9 @@ one TRL optimizer step is exactly one generation round), max_new_tokens = max_co
 advantages (TRL's scale_rewards 'group'), the same beta (0 loads no reference model in either). samples/s =
 completions per second of whole iterations (generation, scoring and update); tokens/s = completion tokens
 (EOS included) per second.
-- `rlhfkit`, `trl`, `trl-fast` as for DPO.
+- `rlhfkit`, `rlhfkit-gc`, `trl`, `trl-fast` as for DPO.
+
+rlhfkit workers call `rlhfkit.host_memory.keep_freed_memory()` first, as the rlhfkit command does.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ BENCH = Path(__file__).resolve().parent
 REWARD = "rewards:vader_compound"  # bench/rewards.py; bench/ is put on sys.path in every worker
 TRL_VENVS = (Path("/work/venv-trl/bin/python"), ROOT / ".venv-trl" / "bin" / "python")
 
-DPO_SYSTEMS = "rlhfkit,rlhfkit-precompute,trl,trl-precompute,trl-fast"
-GRPO_SYSTEMS = "rlhfkit,trl,trl-fast"
+DPO_SYSTEMS = "rlhfkit,rlhfkit-gc,rlhfkit-precompute,trl,trl-precompute,trl-fast"
+GRPO_SYSTEMS = "rlhfkit,rlhfkit-gc,trl,trl-fast"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +114,7 @@ def dpo_ours(args, work: Path) -> dict:
                      max_prompt_length=args.max_prompt_length, max_length=args.max_length, beta=args.beta,
                      loss_type="sigmoid", learning_rate=1e-6, lr_scheduler="linear", warmup_ratio=0.0,
                      mixed_precision="bf16", precompute_ref_logprobs=args.system == "rlhfkit-precompute",
+                     gradient_checkpointing=args.system.endswith("-gc"),
                      save_every=0, eval_every=0, log_every=1, progress=False)
     config = build_config("dpo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
@@ -125,6 +129,7 @@ def dpo_ours(args, work: Path) -> dict:
             "settings": f"batch_size={config.batch_size} accum={config.gradient_accumulation_steps} "
                         f"max_prompt_length={config.max_prompt_length} max_length={config.max_length} "
                         f"beta={config.beta} loss={config.loss_type} precompute={config.precompute_ref_logprobs} "
+                        f"gradient_checkpointing={config.gradient_checkpointing} "
                         f"attn={config.attn_implementation}(eager) mixed_precision={config.mixed_precision}"}
 
 
@@ -224,6 +229,7 @@ def grpo_ours(args, work: Path) -> dict:
                      top_p=1.0, beta=args.beta, advantage="grpo", loss_aggregation="token-mean",
                      learning_rate=1e-6, lr_scheduler="constant", max_prompt_length=args.max_prompt_length,
                      max_length=args.max_prompt_length + args.new_tokens, mixed_precision="bf16",
+                     gradient_checkpointing=args.system.endswith("-gc"),
                      save_every=0, sample_every=0, log_every=1, progress=False)
     config = build_config("grpo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9
@@ -238,6 +244,7 @@ def grpo_ours(args, work: Path) -> dict:
                         f"(micro {rollout // config.gradient_accumulation_steps}) num_iterations={config.num_iterations} "
                         f"max_new_tokens={config.max_new_tokens} T={config.temperature} beta={config.beta} "
                         f"loss={config.loss_aggregation} advantage={config.advantage} attn=eager "
+                        f"gradient_checkpointing={config.gradient_checkpointing} "
                         f"mixed_precision={config.mixed_precision}"}
 
 
@@ -315,6 +322,10 @@ def worker(args) -> None:
     from rlhfkit.cli import quiet_transformers
 
     quiet_transformers()
+    if not args.system.startswith("trl"):
+        from rlhfkit.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # as the rlhfkit command line does
     result = WORKERS[(args.algo, args.system.startswith("trl"))](args, Path(args.work))
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result))
@@ -388,8 +399,9 @@ def report_dpo(args, rows: list[dict], trl_version: str) -> None:
         print(f"{r['model']:<9} {r['system']:<19} {rate(r):>8.2f} {r['seconds'] / r['steps']:>7.2f} "
               f"{r['tokens_per_pair']:>12.1f} {r['longest']:>8} {r['peak_rss_gb']:>12.2f} {r['wall_s']:>10.1f}")
     print()
-    compare(rows, [("rlhfkit", "trl"), ("rlhfkit", "trl-fast"), ("rlhfkit-precompute", "trl-precompute"),
-                   ("rlhfkit-precompute", "trl")], lambda model, beta: f"DPO {model}")
+    compare(rows, [("rlhfkit", "trl"), ("rlhfkit-gc", "trl"), ("rlhfkit", "trl-fast"),
+                   ("rlhfkit-precompute", "trl-precompute"), ("rlhfkit-precompute", "trl")],
+            lambda model, beta: f"DPO {model}")
     print_settings(rows)
 
 
@@ -399,21 +411,22 @@ def report_grpo(args, rows: list[dict], trl_version: str) -> None:
           f"step (one optimizer step, {args.accum} micro-batches of {rollout // args.accum}), {args.new_tokens} new "
           f"tokens max, temperature 1, reward {REWARD}, bf16 autocast, {args.warmup} warm-up + {args.steps} timed "
           f"steps, {os.cpu_count()} CPUs\n")
-    head = (f"{'model':<9} {'beta':>5} {'system':<9} {'samples/s':>9} {'tokens/s':>9} {'tok/compl':>9} {'generate':>9} "
+    head = (f"{'model':<9} {'beta':>5} {'system':<10} {'samples/s':>9} {'tokens/s':>9} {'tok/compl':>9} {'generate':>9} "
             f"{'score':>6} {'train':>6} {'peak RSS GB':>12} {'process s':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<9} {r['beta']:>5} {r['system']:<9} failed: {r['error'][:90]}")
+            print(f"{r['model']:<9} {r['beta']:>5} {r['system']:<10} failed: {r['error'][:90]}")
             continue
         share = lambda key: f"{100 * r[key] / r['seconds']:.0f}%"  # noqa: E731
-        print(f"{r['model']:<9} {r['beta']:>5} {r['system']:<9} {rate(r):>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
+        print(f"{r['model']:<9} {r['beta']:>5} {r['system']:<10} {rate(r):>9.2f} {r['tokens'] / r['seconds']:>9.1f} "
               f"{r['tokens'] / r['samples']:>9.1f} {share('generate_s'):>9} {share('score_s'):>6} "
               f"{share('train_s'):>6} {r['peak_rss_gb']:>12.2f} {r['wall_s']:>10.1f}")
     print("(generate: sampling; score: rewards, reference and old log-probs, advantages; train: the update and the "
           "rest of the step)\n")
-    compare(rows, [("rlhfkit", "trl"), ("rlhfkit", "trl-fast")], lambda model, beta: f"GRPO {model} beta {beta}")
+    compare(rows, [("rlhfkit", "trl"), ("rlhfkit-gc", "trl"), ("rlhfkit", "trl-fast")],
+            lambda model, beta: f"GRPO {model} beta {beta}")
     print_settings(rows)
 
 

@@ -153,6 +153,10 @@ def worker(args) -> None:
     from rlhfkit.cli import quiet_transformers
 
     quiet_transformers()
+    if args.system.startswith("rlhfkit"):
+        from rlhfkit.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # as the rlhfkit command line does
     work = Path(args.work)
     rm_folder, prompts = work / "rm", work / "prompts.jsonl"
     result = (run_ours if args.system.startswith("rlhfkit") else run_trl)(args, rm_folder, prompts, work)

@@ -10,6 +10,7 @@ import sys
 import time
 
 from rlhfkit.errors import UserError
+from rlhfkit.host_memory import keep_freed_memory
 from rlhfkit.trainers.interrupt import TrainingStopped
 
 USAGE = """usage: rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key value ...]
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit: error: unknown command '{command}' (choose from {choices})", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()  # large tensors are reused, not page-faulted in again at every step (host_memory.py)
     started = time.perf_counter()
     try:
         if command in STAGES:

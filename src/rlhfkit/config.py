@@ -63,6 +63,9 @@ class OptimizerConfig:
     lr_scheduler: str = opt("cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.1, "Share of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm (of each trained model) to this (0: no clipping).")
+    gradient_checkpointing: bool = opt(False, "Recompute each layer's activations in the backward pass instead of "
+                                       "keeping them (trained models only): less memory for about one more "
+                                       "forward per micro-batch.")
     max_bad_steps: int = opt(3, "A step whose loss or gradient is not finite is skipped (no update) and counted in "
                                 "train/skipped_steps; this many in a row stop the run (PPO: mini-batches, "
                                 "checked after each iteration).")

@@ -8,7 +8,11 @@ from rlhfkit.models.precision import autocast, store_linears_in_bf16
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
 from rlhfkit.models.loading import resolve_model_path
 from rlhfkit.rollout.batch import build_rollout_batch
-from rlhfkit.rollout.scoring import response_logits
+from rlhfkit.rollout.scoring import tail_logits
+
+
+def response_logits(model, batch):
+    return tail_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask.shape[1])
 
 
 def _batch(tokenizer):

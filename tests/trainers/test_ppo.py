@@ -98,25 +98,25 @@ def test_every_update_forward_sees_the_current_weights_under_bf16(tmp_path, monk
 
     import rlhfkit.trainers.ppo as ppo_module
     from rlhfkit.models.precision import autocast
-    from rlhfkit.rollout.scoring import response_logits
+    from rlhfkit.rollout.scoring import response_logprobs
 
     seen = []
 
-    def recording(model, sub):
-        logits = response_logits(model, sub)
+    def recording(model, sub, *args, **kwargs):
+        logprobs, entropy = response_logprobs(model, sub, *args, **kwargs)
         if model.training:
-            seen.append((copy.deepcopy(model).eval(), sub, logits.detach().clone()))
-        return logits
+            seen.append((copy.deepcopy(model).eval(), sub, logprobs.detach().clone()))
+        return logprobs, entropy
 
-    monkeypatch.setattr(ppo_module, "response_logits", recording)
+    monkeypatch.setattr(ppo_module, "response_logprobs", recording)
     run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=tmp_path / "ppo", progress=False,
                         max_steps=1, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2,
                         mixed_precision="bf16", save_every=0, sample_every=0))
     assert len(seen) == 4  # 2 epochs x 2 mini-batches, one micro-batch each
-    for model, sub, logits in seen:
+    for model, sub, logprobs in seen:
         with torch.no_grad(), autocast("bf16"):
-            fresh = response_logits(model, sub)
-        assert torch.equal(fresh, logits)
+            fresh = response_logprobs(model, sub)[0]
+        assert torch.equal(fresh, logprobs)
     assert not torch.equal(seen[0][0].model.embed_tokens.weight, seen[-1][0].model.embed_tokens.weight)
 
 

@@ -132,6 +132,19 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
     return model
 
 
+def set_gradient_checkpointing(model, enabled: bool):
+    """Turn on transformers' gradient checkpointing of each decoder layer (non-reentrant torch.utils.checkpoint,
+    which replays the forward under the autocast state it first ran with) for a model that will be trained."""
+    if enabled:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"key 'gradient_checkpointing': {type(model).__name__} does not support it")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def check_fits_context(model, tokens: int, key: str) -> None:
     """Refuse a config whose sequences can outgrow the model's positions. Prompts are cut to
     max_prompt_length, so no data file can do this; only the config can. Models with learned positions

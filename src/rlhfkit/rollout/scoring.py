@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.core.head_logprobs import head_logprobs
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.data.collate import left_pad
 from rlhfkit.data.tokenize import tokenize_prompt
@@ -18,27 +19,41 @@ from rlhfkit.rollout.batch import RolloutBatch
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def response_logits(model, batch: RolloutBatch) -> torch.Tensor:
-    """Logits that predict each response token: (B, R, V), float32.
-
-    Only the R hidden states before response tokens go through the LM head, which spares a (B, P, V)
-    tensor of prompt logits. The head runs in fp32 even under bf16 autocast: bf16 logits carry ~3
-    significant digits, and the PPO ratio exp(logp_new - logp_old) of two bf16 computations of the same
-    policy (one batched at rollout, one per micro-batch) would differ from 1 by several percent.
-    """
-    return tail_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids,
-                       batch.response_mask.shape[1])
-
-
 def tail_logits(model, input_ids, attention_mask, position_ids, R: int) -> torch.Tensor:
     """fp32 logits that predict the last R tokens of each (left-padded) row: (B, R, V)."""
     if has_own_logit_path(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=R + 1, use_cache=False)
         return out.logits[:, :-1].float()
+    return lm_head_fp32(model, _tail_hidden(model, input_ids, attention_mask, position_ids, R))
+
+
+def _tail_hidden(model, input_ids, attention_mask, position_ids, R: int) -> torch.Tensor:
+    """The trunk's last hidden states before each of the last R tokens: (B, R, H)."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
-    return lm_head_fp32(model, hidden[:, -(R + 1):-1])  # hidden columns T-R-1 .. T-2
+    return hidden[:, -(R + 1):-1]  # hidden columns T-R-1 .. T-2
+
+
+def tail_logprobs(model, input_ids, attention_mask, position_ids, labels: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(label) for the last R = labels.shape[1] tokens of each row, (B, R) float32, and the entropy (B, R)
+    of each of those positions if asked; both differentiable.
+
+    Only the R hidden states before those tokens go through the LM head, which spares a (B, P, V) tensor of
+    prompt logits; and the head is fused with the log-softmax (core/head_logprobs.py), which spares the (B, R, V)
+    logits. The head runs in fp32 even under bf16 autocast: bf16 logits carry ~3 significant digits, and the
+    PPO ratio exp(logp_new - logp_old) of two bf16 computations of the same policy (one batched at rollout, one
+    per micro-batch) would differ from 1 by several percent.
+    """
+    R = labels.shape[1]
+    if has_own_logit_path(model):
+        logits = tail_logits(model, input_ids, attention_mask, position_ids, R)
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        return logprobs_from_logits(logits, labels, temperature), entropy
+    head = model.get_output_embeddings()
+    hidden = _tail_hidden(model, input_ids, attention_mask, position_ids, R)
+    return head_logprobs(hidden, head.weight, labels, temperature, getattr(head, "bias", None), with_entropy)
 
 
 def has_own_logit_path(model) -> bool:
@@ -58,14 +73,9 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(r_t | prompt, r_<t) at the sampling temperature: (B, R); and the entropy (B, R) if asked.
     Scoring must use the temperature the samples were drawn at, or the PPO ratio compares different
-    distributions."""
-    logits = response_logits(model, batch)
-    logprobs = logprobs_from_logits(logits, batch.responses, temperature)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach(), temperature)
-    return logprobs, entropy
+    distributions. Both are differentiable when grad is enabled."""
+    return tail_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.responses,
+                         temperature, with_entropy)
 
 
 def response_values(critic, batch: RolloutBatch) -> torch.Tensor:

@@ -14,12 +14,11 @@ import torch
 
 from rlhfkit.config import DPOConfig
 from rlhfkit.core.dpo import dpo_loss, sequence_logps
-from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.tokenize import tokenize_preference
-from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.precision import autocast, store_linears_in_bf16
-from rlhfkit.rollout.scoring import tail_logits
+from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
@@ -31,8 +30,8 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     Left padding puts every response at the end of its row, so only the last R columns (R = the longest
     response) go through the LM head."""
     R = int(batch["response_mask"].sum(dim=1).max())
-    logits = tail_logits(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], R)  # (2B, R, V)
-    token_logps = logprobs_from_logits(logits, batch["input_ids"][:, -R:])  # (2B, R)
+    token_logps, _ = tail_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                   batch["input_ids"][:, -R:])  # (2B, R)
     logps = sequence_logps(token_logps, batch["response_mask"][:, -R:])  # (2B,)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
@@ -86,6 +85,7 @@ def run_dpo(config: DPOConfig) -> Path:
                                          config.use_chat_template) for r in records]
                     for records in (train_records, eval_records)]
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
                          config.attn_implementation)
     ref.requires_grad_(False).eval()

@@ -25,13 +25,12 @@ from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.core.group_advantages import GROUP_ADVANTAGES
 from rlhfkit.core.grpo_loss import grpo_policy_loss
 from rlhfkit.core.kl import kl_penalty
-from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.core.masked import masked_mean, masked_sum
 from rlhfkit.errors import UserError
 from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.rollout.scoring import response_logits, response_logprobs
+from rlhfkit.rollout.scoring import response_logprobs
 from rlhfkit.trainers.checkpoint import load_model_weights, seed_everything
 from rlhfkit.trainers.grpo_setup import GroupModels, load_group_models
 from rlhfkit.trainers.rl_models import load_prompts_for
@@ -130,8 +129,8 @@ def _micro_batch_backward(models: GroupModels, sub, idx, old: dict, advantages, 
                           config: GRPOConfig) -> dict:
     """The loss of one micro-batch, backpropagated with weight `share`; returns its metrics."""
     width = sub.response_mask.shape[1]
-    logits = response_logits(models.policy, sub)  # (b, R', V), fp32
-    logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
+    # (b, R') each, fp32; the entropy is only logged, so no gradient flows back through it.
+    logprobs, token_entropy = response_logprobs(models.policy, sub, config.temperature, with_entropy=True)
     old_logprobs = logprobs.detach() if old["logprobs"] is None else old["logprobs"][idx, :width]
     kl_in_loss = old["ref_logprobs"] is not None and not config.kl_in_reward
     loss, metrics = grpo_policy_loss(
@@ -139,7 +138,7 @@ def _micro_batch_backward(models: GroupModels, sub, idx, old: dict, advantages, 
         clip_eps=config.clip_eps, kl_coef=config.beta if kl_in_loss else 0.0, aggregation=config.loss_aggregation,
         max_tokens=config.max_new_tokens, clip_eps_high=config.clip_eps_high)
     with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits.detach(), config.temperature), mask > 0)
+        entropy = masked_mean(token_entropy.detach(), mask > 0)
     # Backward runs in the dtypes the forward chose; autocast must not recast it.
     with autocast_paused():
         (loss * share).backward()

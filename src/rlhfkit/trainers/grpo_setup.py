@@ -15,7 +15,7 @@ import torch
 
 from rlhfkit.config import GRPOConfig
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.reward_functions import RewardFunction, parse_reward_functions, parse_weights
 from rlhfkit.rollout.scoring import RewardScorer
@@ -80,6 +80,7 @@ def load_group_models(config: GRPOConfig) -> GroupModels:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     rewards = load_reward_sources(config, tokenizer)
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    set_gradient_checkpointing(policy, config.gradient_checkpointing)
     ref = load_reference(config) if config.beta > 0 else None  # beta == 0: no reference at all (memory)
     gold = load_gold(config)
     return GroupModels(policy, ref, rewards, tokenizer, gold, config)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.precision import autocast
+from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
 from rlhfkit.trainers.guard import NonFiniteGuard
@@ -109,13 +109,16 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             normaliser = max(sum(units), 1.0)
             totals: dict[str, float] = {}
             loss_sum = 0.0
-            for batch, weight in zip(batches, units):
-                with autocast(config.mixed_precision):
+            # One autocast context per optimizer step: autocast keeps its bf16 copy of each weight until the
+            # context exits, so the micro-batches share one cast, and the next step's forward sees new weights.
+            with autocast(config.mixed_precision):
+                for batch, weight in zip(batches, units):
                     loss, metrics = task.loss(task.model, batch, normaliser)
-                loss.backward()
-                loss_sum += loss.item()
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
+                    with autocast_paused():  # backward runs in the dtypes the forward chose
+                        loss.backward()
+                    loss_sum += loss.item()
+                    for key, value in metrics.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             grad_norm = clip_gradients(params, max_norm)
             if guard.allows(loss_sum, grad_norm):

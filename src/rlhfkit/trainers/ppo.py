@@ -28,8 +28,7 @@ from rlhfkit.models.loading import check_fits_context
 from rlhfkit.models.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
-from rlhfkit.rollout.scoring import response_logits, response_logprobs, response_values
+from rlhfkit.rollout.scoring import response_logprobs, response_values
 from rlhfkit.trainers.checkpoint import (load_model_weights,
                                          seed_everything)
 from rlhfkit.trainers.guard import NonFiniteGuard
@@ -80,14 +79,13 @@ def _micro_batch_backward(models: PPOModels, sub, idx, old: dict, advantages, re
     """Policy and value losses of one micro-batch, backpropagated with weight `share`; returns its metrics."""
     mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
     width = mask.shape[1]
-    logits = response_logits(models.policy, sub)  # (b, R', V), fp32
-    logprobs = logprobs_from_logits(logits, sub.responses, config.temperature)
+    # (b, R') each, fp32; the entropy has a gradient only when it is part of the loss.
+    logprobs, token_entropy = response_logprobs(models.policy, sub, config.temperature, with_entropy=True)
     policy_loss, p_metrics = ppo_policy_loss(
         logprobs, old["logprobs"][idx, :width], advantages[idx, :width], mask, clip_eps=config.clip_eps,
         clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
-    # The entropy needs a graph only when it is part of the loss.
     with torch.set_grad_enabled(config.entropy_coef > 0):
-        entropy = masked_mean(entropy_from_logits(logits, config.temperature), mask)
+        entropy = masked_mean(token_entropy, mask)
     loss = policy_loss - config.entropy_coef * entropy if config.entropy_coef else policy_loss
     # Backward as soon as each loss exists, so that only one model's graph is held at a time; backward runs
     # in the dtypes the forward chose, and autocast must not recast it.

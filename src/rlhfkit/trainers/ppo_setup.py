@@ -10,7 +10,7 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
@@ -48,6 +48,8 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
     critic_from = config.reward_model if config.critic_init == "reward" else config.model
     critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                                config.attn_implementation)
+    for trained in (policy, critic):
+        set_gradient_checkpointing(trained, config.gradient_checkpointing)
     gold = load_gold(config)
     return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
 

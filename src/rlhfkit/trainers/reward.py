@@ -11,7 +11,7 @@ from rlhfkit.core.bradley_terry import bradley_terry_loss
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.text import prompt_text, response_text
 from rlhfkit.data.tokenize import tokenize_preference
-from rlhfkit.models.loading import check_fits_context, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
@@ -86,6 +86,7 @@ def run_reward(config: RewardConfig) -> Path:
     seed_everything(config.seed)  # the fresh scalar head is initialised from the RNG
     model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                               config.attn_implementation)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
 

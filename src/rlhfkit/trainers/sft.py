@@ -12,7 +12,7 @@ from rlhfkit.core.logprobs import logprobs_from_logits, shift_for_causal_lm
 from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
 from rlhfkit.data.tokenize import tokenize_sft
-from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
@@ -58,6 +58,7 @@ def run_sft(config: SFTConfig) -> Path:
     train, evals = encode(train_records), encode(eval_records)
     seed_everything(config.seed)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
 
