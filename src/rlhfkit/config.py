@@ -163,7 +163,8 @@ class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
     logprobs_from_sampling: bool = opt(False, "Take the policy's old log-probs from the sampling pass (as TRL's PPO "
                                        "does) instead of a scoring forward: one forward fewer per iteration, but "
                                        "the first update's ratio is no longer exactly 1, since sampling runs other "
-                                       "kernels (KV cache, sdpa) and the KL penalty then mixes the two paths.")
+                                       "kernels (KV cache, sdpa; with bf16 mixed precision, bf16 weights and "
+                                       "logits) and the KL penalty then mixes the two paths.")
     forward_batch_size: int = opt(0, "Samples per no-grad scoring forward after sampling (policy, reference, "
                                      "critic, reward model); 0: the training micro-batch. Larger is faster and "
                                      "takes more memory (TRL: local_rollout_forward_batch_size).")

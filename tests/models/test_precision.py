@@ -62,8 +62,8 @@ def test_bf16_weights_runs_plain_bf16_and_restores_the_exact_fp32_tensors(tiny_m
             plain = response_logits(model, batch)
     assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
     assert dtypes["model.layers.1.input_layernorm.weight"] == torch.bfloat16
-    assert dtypes["model.embed_tokens.weight"] == torch.float32  # exact lookups; the LM head runs in fp32
-    assert plain.dtype == torch.float32
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16  # the tied LM head too, as inference engines run it
+    assert plain.dtype == torch.float32  # bf16 logits, upcast
     # Same model, another rounding: close to the autocast logits, not equal.
     assert (plain - reference).abs().max() < 0.05 * reference.abs().max()
     assert not torch.equal(plain, reference)

@@ -72,3 +72,26 @@ def test_values_are_read_before_each_response_token(tokenizer, tiny_model, tmp_p
     assert torch.allclose(full[0], alone[0], atol=1e-5)
     assert scorer.reuse_ids
 
+
+
+def test_fused_head_scores_only_response_tokens_and_matches_full_logits(tiny_model, tokenizer):
+    """response_logprobs sends only the response tokens through the fused LM head: on them it equals
+    log_softmax of the full fp32 logits (values and gradients), and it is 0 on the padding after a short response."""
+    from rlhfkit.rollout.scoring import tail_logits
+
+    prompts = [tokenizer("Hello there")["input_ids"], tokenizer("How are you doing today?")["input_ids"]]
+    batch = build_rollout_batch(prompts, [[5, 6, 7, 8], [9, 10]], [True, False], tokenizer.pad_token_id)
+    mask = batch.response_mask.bool()
+    logprobs, entropy = response_logprobs(tiny_model, batch, temperature=0.7, with_entropy=True)
+    weight = tiny_model.get_output_embeddings().weight
+    (ours,) = torch.autograd.grad((logprobs + 0.1 * entropy).sum(), weight)
+    logits = tail_logits(tiny_model, batch.input_ids, batch.attention_mask, batch.position_ids, mask.shape[1])
+    log_p = torch.log_softmax(logits / 0.7, dim=-1)
+    expected = log_p.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+    expected_entropy = -(log_p.exp() * log_p).sum(-1)
+    (reference,) = torch.autograd.grad(((expected + 0.1 * expected_entropy) * mask).sum(), weight)
+    assert mask.sum() == 6 and not mask.all()
+    torch.testing.assert_close(logprobs[mask], expected[mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], expected_entropy[mask], rtol=0, atol=1e-5)
+    assert (logprobs[~mask] == 0).all() and (entropy[~mask] == 0).all()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)

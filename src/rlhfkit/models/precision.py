@@ -46,29 +46,28 @@ def store_linears_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
 def bf16_weights(model: torch.nn.Module):
     """Run `model` in plain bf16, without autocast, for inference (sampling); its fp32 weights come back exactly.
 
-    Inside, every floating parameter except the input and output embeddings is a bf16 copy, the input
-    embedding's output is cast to bf16 and autocast is off. On exit the original tensors (not a round trip
-    through bf16) are put back, so training never sees a rounded weight.
+    Inside, every floating parameter is a bf16 copy and autocast is off. On exit the original tensors (not a round
+    trip through bf16) are put back, so training never sees a rounded weight.
 
     Why: decoding one token runs ~40 small ops per layer, and under autocast each of them pays the autocast
     dispatch and the casts of its fp32 activations; plain bf16 decoding is the way inference engines (vLLM,
-    as OpenRLHF and verl use it for rollouts) run a policy whose training keeps fp32 master weights. The
-    embeddings stay fp32: a lookup is exact in any dtype, and the LM head runs in fp32 (rollout/scoring.py).
-    Sampling from these weights is not scored: PPO's log-probs come from the scoring forward.
+    as OpenRLHF and verl use it for rollouts) run a policy whose training keeps fp32 master weights. The LM head
+    is bf16 too, as in those engines: it reads its whole weight (49152 x 576 for the embedded model) at every
+    decoding step, half as many bytes in bf16, and its logits are upcast before sampling (rollout/scoring.py's
+    `lm_head_logits`). The embedding lookup returns the bf16 rounding of the fp32 rows, as a cast of its fp32
+    output would. Sampling from these weights is not scored: PPO's
+    log-probs come from the scoring forward, whose head runs in fp32.
     """
-    keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     originals = {}
     with torch.no_grad():
         for param in model.parameters():
-            if id(param) in keep or param.dtype != torch.float32 or id(param) in originals:
+            if param.dtype != torch.float32 or id(param) in originals:
                 continue
             originals[id(param)] = (param, param.data)
             param.data = param.data.to(torch.bfloat16)
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
     try:
         with torch.autocast(device_type=model.get_input_embeddings().weight.device.type, enabled=False):
             yield model
     finally:
-        hook.remove()
         for param, data in originals.values():
             param.data = data

@@ -23,7 +23,7 @@ import torch
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_prompts
 from rlhfkit.models.precision import bf16_weights
-from rlhfkit.rollout.scoring import has_own_logit_path, lm_head_fp32
+from rlhfkit.rollout.scoring import has_own_logit_path, lm_head_logits
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _next_logits(model, input_ids, attention_mask, position_ids, cache):
         return out.logits[:, -1].float(), out.past_key_values
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=True)
-    return lm_head_fp32(model, out.last_hidden_state[:, -1]), out.past_key_values
+    return lm_head_logits(model, out.last_hidden_state[:, -1]), out.past_key_values
 
 
 @torch.no_grad()

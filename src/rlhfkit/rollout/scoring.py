@@ -25,7 +25,7 @@ def tail_logits(model, input_ids, attention_mask, position_ids, R: int) -> torch
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=R + 1, use_cache=False)
         return out.logits[:, :-1].float()
-    return lm_head_fp32(model, _tail_hidden(model, input_ids, attention_mask, position_ids, R))
+    return lm_head_logits(model, _tail_hidden(model, input_ids, attention_mask, position_ids, R))
 
 
 def _tail_hidden(model, input_ids, attention_mask, position_ids, R: int) -> torch.Tensor:
@@ -36,7 +36,8 @@ def _tail_hidden(model, input_ids, attention_mask, position_ids, R: int) -> torc
 
 
 def tail_logprobs(model, input_ids, attention_mask, position_ids, labels: torch.Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  with_entropy: bool = False,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(label) for the last R = labels.shape[1] tokens of each row, (B, R) float32, and the entropy (B, R)
     of each of those positions if asked; both differentiable.
 
@@ -44,7 +45,8 @@ def tail_logprobs(model, input_ids, attention_mask, position_ids, labels: torch.
     prompt logits; and the head is fused with the log-softmax (core/head_logprobs.py), which spares the (B, R, V)
     logits. The head runs in fp32 even under bf16 autocast: bf16 logits carry ~3 significant digits, and the
     PPO ratio exp(logp_new - logp_old) of two bf16 computations of the same policy (one batched at rollout, one
-    per micro-batch) would differ from 1 by several percent.
+    per micro-batch) would differ from 1 by several percent. With `mask` (B, R), only its positions go through
+    the head (padding after short responses costs nothing) and the others are 0.
     """
     R = labels.shape[1]
     if has_own_logit_path(model):
@@ -52,8 +54,17 @@ def tail_logprobs(model, input_ids, attention_mask, position_ids, labels: torch.
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
         return logprobs_from_logits(logits, labels, temperature), entropy
     head = model.get_output_embeddings()
-    hidden = _tail_hidden(model, input_ids, attention_mask, position_ids, R)
-    return head_logprobs(hidden, head.weight, labels, temperature, getattr(head, "bias", None), with_entropy)
+    hidden = _tail_hidden(model, input_ids, attention_mask, position_ids, R)  # (B, R, H)
+    if mask is None:
+        return head_logprobs(hidden, head.weight, labels, temperature, getattr(head, "bias", None), with_entropy)
+    where = mask.bool().nonzero(as_tuple=True)
+    logprobs, entropy = head_logprobs(hidden[where], head.weight, labels[where], temperature,
+                                      getattr(head, "bias", None), with_entropy)  # (N,) each
+
+    def spread(values):  # (N,) -> (B, R), zeros off the mask; differentiable
+        return values.new_zeros(labels.shape).index_put(where, values)
+
+    return spread(logprobs), spread(entropy) if with_entropy else None
 
 
 def has_own_logit_path(model) -> bool:
@@ -61,11 +72,15 @@ def has_own_logit_path(model) -> bool:
     return any(getattr(model.config, key, None) for key in _LOGIT_POSTPROCESSING)
 
 
-def lm_head_fp32(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head in fp32, also under autocast: (..., H) -> (..., V) float32."""
+def lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits (..., V) from hidden states (..., H): the LM head in fp32, also under autocast; only a head
+    whose weights are bf16 (inside models/precision.bf16_weights, for sampling) runs in bf16, upcast after."""
     head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        if head.weight.dtype == torch.bfloat16:
+            return torch.nn.functional.linear(hidden.to(torch.bfloat16), head.weight, bias).float()
+        bias = bias.float() if bias is not None else None
         return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
@@ -73,9 +88,9 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(r_t | prompt, r_<t) at the sampling temperature: (B, R); and the entropy (B, R) if asked.
     Scoring must use the temperature the samples were drawn at, or the PPO ratio compares different
-    distributions. Both are differentiable when grad is enabled."""
+    distributions. Both are differentiable when grad is enabled, and 0 after the end of a response."""
     return tail_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.responses,
-                         temperature, with_entropy)
+                         temperature, with_entropy, mask=batch.response_mask)
 
 
 def response_values(critic, batch: RolloutBatch) -> torch.Tensor:

@@ -27,12 +27,13 @@ from rlhfkit.trainers.stage_data import train_eval_records
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen and rejected halves of a `collate_pairs` batch: (B,), (B,).
 
-    Left padding puts every response at the end of its row, so only the last R columns (R = the longest
-    response) go through the LM head."""
+    Left padding puts every response at the end of its row, so the last R columns (R = the longest response)
+    hold them all; of those, only the response tokens go through the LM head."""
     R = int(batch["response_mask"].sum(dim=1).max())
+    mask = batch["response_mask"][:, -R:]
     token_logps, _ = tail_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                   batch["input_ids"][:, -R:])  # (2B, R)
-    logps = sequence_logps(token_logps, batch["response_mask"][:, -R:])  # (2B,)
+                                   batch["input_ids"][:, -R:], mask=mask)  # (2B, R), 0 off the mask
+    logps = sequence_logps(token_logps, mask)  # (2B,)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 
