@@ -102,7 +102,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # DPO workers
 # --------------------------------------------------------------------------------------------------
 def dpo_ours(args, work: Path) -> dict:
-    from rlhfkit.config import build_config
+    from rlhfkit.config_parsing import build_config
     from rlhfkit.data.tokenize import tokenize_preference
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.trainers.dpo import run_dpo
@@ -216,7 +216,7 @@ def dpo_trl(args, work: Path) -> dict:
 # GRPO workers
 # --------------------------------------------------------------------------------------------------
 def grpo_ours(args, work: Path) -> dict:
-    from rlhfkit.config import build_config
+    from rlhfkit.config_parsing import build_config
     from rlhfkit.trainers.grpo import run_grpo
     from rlhfkit.trainers.metrics_log import read_metrics
 

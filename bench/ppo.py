@@ -58,7 +58,7 @@ def prompts_file(folder: Path, n: int) -> Path:
 
 
 def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
-    from rlhfkit.config import build_config
+    from rlhfkit.config_parsing import build_config
     from rlhfkit.trainers.metrics_log import read_metrics
     from rlhfkit.trainers.ppo import run_ppo
 

@@ -101,7 +101,8 @@ continues (and `--algos` on a finished demo runs only the new stages)."""
 
 
 def run_stage(stage: str, rest: list[str]):
-    from rlhfkit.config import STAGES, build_config, help_text, parse_overrides
+    from rlhfkit.config import STAGES
+    from rlhfkit.config_parsing import build_config, help_text, parse_overrides
 
     config_file, preset, wants_help, rest = split_args(rest)
     if wants_help:
@@ -114,7 +115,7 @@ def run_stage(stage: str, rest: list[str]):
 
 
 def run_pipeline_command(command: str, rest: list[str]):
-    from rlhfkit.config import parse_overrides
+    from rlhfkit.config_parsing import parse_overrides
     from rlhfkit.pipeline import demo_path, load_pipeline, run_pipeline
 
     config_file, preset, wants_help, rest = split_args(rest)

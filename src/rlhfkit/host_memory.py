@@ -17,7 +17,6 @@ too. It changes nothing on other C libraries or platforms, and `RLHFKIT_KEEP_FRE
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -30,12 +29,10 @@ def keep_freed_memory() -> bool:
     """Tune glibc malloc for repeated large tensors; returns True if it was applied."""
     if os.environ.get("RLHFKIT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op stub
-    except (OSError, AttributeError):
+    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    # glibc only (musl's mallopt is a no-op stub).
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.config import STAGES, _yaml_mapping, coerce, preset_path, validate
+from rlhfkit.config import STAGES
+from rlhfkit.config_parsing import _yaml_mapping, coerce, preset_path, validate
 from rlhfkit.errors import ConfigError
 
 ALL_STAGES = ("sft", "annotate", "reward", "ppo", "dpo", "grpo", "rloo", "eval")

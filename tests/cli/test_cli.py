@@ -69,7 +69,7 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def test_config_file_and_flags_override_in_order(tmp_path):
-    from rlhfkit.config import build_config
+    from rlhfkit.config_parsing import build_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 5\nlearning_rate: 0.01\n")

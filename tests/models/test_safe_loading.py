@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.cli import main
-from rlhfkit.config import build_config
+from rlhfkit.config_parsing import build_config
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.reward_model import load_reward_model

@@ -1,5 +1,6 @@
 """Rollout layout and scoring: the (B, R) tensors line up with the response tokens."""
 
+import pytest
 import torch
 
 from rlhfkit.core.logprobs import logprobs_from_logits
@@ -74,10 +75,19 @@ def test_values_are_read_before_each_response_token(tokenizer, tiny_model, tmp_p
 
 
 
-def test_fused_head_scores_only_response_tokens_and_matches_full_logits(tiny_model, tokenizer):
+@pytest.mark.parametrize("own_logit_path", [False, True])
+def test_fused_head_scores_only_response_tokens_and_matches_full_logits(tiny_model, tokenizer, own_logit_path):
     """response_logprobs sends only the response tokens through the fused LM head: on them it equals
-    log_softmax of the full fp32 logits (values and gradients), and it is 0 on the padding after a short response."""
-    from rlhfkit.rollout.scoring import tail_logits
+    log_softmax of the full fp32 logits (values and gradients), and it is 0 on the padding after a short response.
+    Models whose logits are more than lm_head(hidden) take their own forward, with the same results."""
+    import copy
+
+    from rlhfkit.rollout.scoring import has_own_logit_path, tail_logits
+
+    if own_logit_path:
+        tiny_model = copy.deepcopy(tiny_model)
+        tiny_model.config.logit_scale = 1.0  # Llama ignores it; enough to route through the model's own forward
+    assert has_own_logit_path(tiny_model) == own_logit_path
 
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("How are you doing today?")["input_ids"]]
     batch = build_rollout_batch(prompts, [[5, 6, 7, 8], [9, 10]], [True, False], tokenizer.pad_token_id)

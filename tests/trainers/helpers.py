@@ -3,7 +3,7 @@
 import json
 import random
 
-from rlhfkit.config import build_config
+from rlhfkit.config_parsing import build_config
 
 WORDS = ("the cat dog sun tree house river blue green small big fast slow happy quiet loud red old new "
          "warm cold bright dark soft hard long short").split()

@@ -49,21 +49,20 @@ def tail_logprobs(model, input_ids, attention_mask, position_ids, labels: torch.
     the head (padding after short responses costs nothing) and the others are 0.
     """
     R = labels.shape[1]
-    if has_own_logit_path(model):
-        logits = tail_logits(model, input_ids, attention_mask, position_ids, R)
-        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-        return logprobs_from_logits(logits, labels, temperature), entropy
-    head = model.get_output_embeddings()
-    hidden = _tail_hidden(model, input_ids, attention_mask, position_ids, R)  # (B, R, H)
-    if mask is None:
-        return head_logprobs(hidden, head.weight, labels, temperature, getattr(head, "bias", None), with_entropy)
-    where = mask.bool().nonzero(as_tuple=True)
-    logprobs, entropy = head_logprobs(hidden[where], head.weight, labels[where], temperature,
-                                      getattr(head, "bias", None), with_entropy)  # (N,) each
+    where = mask.bool().nonzero(as_tuple=True) if mask is not None else (slice(None),)  # (N,) positions or all
 
     def spread(values):  # (N,) -> (B, R), zeros off the mask; differentiable
-        return values.new_zeros(labels.shape).index_put(where, values)
+        return values if mask is None else values.new_zeros(labels.shape).index_put(where, values)
 
+    if has_own_logit_path(model):
+        logits = tail_logits(model, input_ids, attention_mask, position_ids, R)[where]
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        logprobs = logprobs_from_logits(logits, labels[where], temperature)
+    else:
+        head = model.get_output_embeddings()
+        hidden = _tail_hidden(model, input_ids, attention_mask, position_ids, R)[where]  # (B, R, H) or (N, H)
+        logprobs, entropy = head_logprobs(hidden, head.weight, labels[where], temperature,
+                                          getattr(head, "bias", None), with_entropy)
     return spread(logprobs), spread(entropy) if with_entropy else None
 
 

@@ -35,7 +35,7 @@ from rlhfkit.trainers.checkpoint import load_model_weights, seed_everything
 from rlhfkit.trainers.grpo_setup import GroupModels, load_group_models
 from rlhfkit.trainers.rl_models import load_prompts_for
 from rlhfkit.trainers.guard import NonFiniteGuard
-from rlhfkit.trainers.rl_run import checkpoint_iteration, log_iteration, resume
+from rlhfkit.trainers.rl_run import checkpoint_iteration, iteration_row, log_iteration, resume
 from rlhfkit.trainers.interrupt import stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
@@ -242,14 +242,7 @@ def run_group(config: GRPOConfig, stage: str) -> Path:
             # 5. logs
             step += 1
             elapsed = time.perf_counter() - started
-            mask = batch.response_mask
-            row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
-                   "response/length_mean": float(mask.sum(1).mean()),
-                   "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
-                   "train/skipped_steps": guard.skipped,
-                   "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
-            if models.gold is not None:
-                row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
+            row = iteration_row(step, metrics, timings, batch, trained, elapsed, guard, models, batch_records, texts)
             log_iteration(step, row, config, log, guard, out, bar, "check the rewards")
             if config.sample_every and (step % config.sample_every == 0 or step == 1):
                 for i in range(0, min(4 * K, len(batch)), K):  # the first completion of the first 4 prompts

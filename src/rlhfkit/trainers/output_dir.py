@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhfkit.config import to_yaml
+from rlhfkit.config_parsing import to_yaml
 from rlhfkit.errors import UserError
 from rlhfkit.trainers.checkpoint import list_checkpoints
 

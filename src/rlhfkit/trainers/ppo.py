@@ -32,7 +32,7 @@ from rlhfkit.rollout.scoring import response_logprobs, response_values
 from rlhfkit.trainers.checkpoint import (load_model_weights,
                                          seed_everything)
 from rlhfkit.trainers.guard import NonFiniteGuard
-from rlhfkit.trainers.rl_run import checkpoint_iteration, log_iteration, resume
+from rlhfkit.trainers.rl_run import checkpoint_iteration, iteration_row, log_iteration, resume
 from rlhfkit.trainers.interrupt import stop_on_signals
 from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
@@ -200,14 +200,9 @@ def run_ppo(config: PPOConfig) -> Path:
             kl_ctl.update(float(metrics["objective/kl"]), len(batch))
             step += 1
             elapsed = time.perf_counter() - started
-            row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
-                   "ppo/explained_variance": float(explained_variance(old["values"], returns, mask)),
-                   "objective/kl_coef": kl_ctl.value, "response/length_mean": float(mask.sum(1).mean()),
-                   "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": trained,
-                   "train/skipped_steps": guard.skipped,
-                   "time/step_s": elapsed, "perf/samples_per_s": len(batch) / elapsed}
-            if models.gold is not None:
-                row["objective/gold"] = sum(models.gold_scores(batch_records, texts)) / len(texts)
+            row = iteration_row(step, metrics, timings, batch, trained, elapsed, guard, models, batch_records, texts)
+            row["ppo/explained_variance"] = float(explained_variance(old["values"], returns, mask))
+            row["objective/kl_coef"] = kl_ctl.value
             log_iteration(step, row, config, log, guard, out, bar, "check the reward model")
             if config.sample_every and (step % config.sample_every == 0 or step == 1):
                 for i in range(min(4, len(batch))):

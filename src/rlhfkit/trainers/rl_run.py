@@ -1,6 +1,6 @@
 """What the sampling trainers (PPO, GRPO, RLOO) share around their iteration: resuming from the newest
-intact checkpoint, logging a row (and stopping on too many non-finite updates), and the end-of-iteration
-checkpoint, which SIGTERM / Ctrl-C also asks for. Each trainer's loop stays readable top to bottom."""
+intact checkpoint, the metrics every iteration logs, logging a row (and stopping on too many non-finite
+updates), and the end-of-iteration checkpoint, which SIGTERM / Ctrl-C also asks for. Each trainer's loop stays readable top to bottom."""
 
 from __future__ import annotations
 
@@ -30,6 +30,20 @@ def resume(out: Path, config, stateful: dict, generator: torch.Generator,
     generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     print(f"resuming from {path} (iteration {state['step']} of {config.max_steps})")
     return state["step"], resumed_from
+
+
+def iteration_row(step: int, metrics: dict, timings: dict, batch, train_s: float, step_s: float,
+                  guard: NonFiniteGuard, models, records: list[dict], texts: list[str]) -> dict:
+    """The metrics row every sampling trainer logs: the update's metrics and phase times, response lengths and
+    ends, skipped updates, throughput, and the gold score of the samples when a gold scorer is loaded."""
+    mask = batch.response_mask
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **timings,
+           "response/length_mean": float(mask.sum(1).mean()),
+           "response/ended_fraction": float(batch.ended.float().mean()), "time/train_s": train_s,
+           "train/skipped_steps": guard.skipped, "time/step_s": step_s, "perf/samples_per_s": len(batch) / step_s}
+    if models.gold is not None:
+        row["objective/gold"] = sum(models.gold_scores(records, texts)) / len(texts)
+    return row
 
 
 def log_iteration(step: int, row: dict, config, log, guard: NonFiniteGuard, out: Path, bar, hint: str) -> None:
