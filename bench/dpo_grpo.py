@@ -22,6 +22,7 @@ warm-up. samples/s = preference pairs per second of training steps.
 - `rlhfkit-gc`: the same with `gradient_checkpointing`, as TRL's default has it.
 - `rlhfkit-precompute`: `precompute_ref_logprobs`; the reference pass over the data runs once before training
   and is NOT timed (only training steps are), nor for `trl-precompute`.
+- `rlhfkit-precompute-gc`: both, the settings `trl-precompute` runs with.
 - `trl`, `trl-precompute`: TRL as its users get it (`precompute_ref_log_probs` for the second): its defaults,
   which include gradient checkpointing and transformers' sdpa attention.
 - `trl-fast`: TRL without gradient checkpointing and with the eager attention rlhfkit picks on the CPU, i.e.
@@ -57,7 +58,7 @@ BENCH = Path(__file__).resolve().parent
 REWARD = "rewards:vader_compound"  # bench/rewards.py; bench/ is put on sys.path in every worker
 TRL_VENVS = (Path("/work/venv-trl/bin/python"), ROOT / ".venv-trl" / "bin" / "python")
 
-DPO_SYSTEMS = "rlhfkit,rlhfkit-gc,rlhfkit-precompute,trl,trl-precompute,trl-fast"
+DPO_SYSTEMS = "rlhfkit,rlhfkit-gc,rlhfkit-precompute,rlhfkit-precompute-gc,trl,trl-precompute,trl-fast"
 GRPO_SYSTEMS = "rlhfkit,rlhfkit-gc,trl,trl-fast"
 
 
@@ -113,7 +114,7 @@ def dpo_ours(args, work: Path) -> dict:
                      max_steps=args.steps + args.warmup, batch_size=args.batch, gradient_accumulation_steps=args.accum,
                      max_prompt_length=args.max_prompt_length, max_length=args.max_length, beta=args.beta,
                      loss_type="sigmoid", learning_rate=1e-6, lr_scheduler="linear", warmup_ratio=0.0,
-                     mixed_precision="bf16", precompute_ref_logprobs=args.system == "rlhfkit-precompute",
+                     mixed_precision="bf16", precompute_ref_logprobs=args.system.startswith("rlhfkit-precompute"),
                      gradient_checkpointing=args.system.endswith("-gc"),
                      save_every=0, eval_every=0, log_every=1, progress=False)
     config = build_config("dpo", overrides=[(k, str(v)) for k, v in overrides.items()])
@@ -388,19 +389,20 @@ def report_dpo(args, rows: list[dict], trl_version: str) -> None:
     print(f"\nDPO, {trl_version}: batch {args.batch} pairs x {args.accum} accumulation = {args.batch * args.accum} pairs "
           f"per step, max_length {args.max_length}, beta {args.beta}, sigmoid, bf16 autocast, {args.warmup} warm-up + "
           f"{args.steps} timed steps (training steps only), {os.cpu_count()} CPUs\n")
-    head = (f"{'model':<9} {'system':<19} {'pairs/s':>8} {'s/step':>7} {'tokens/pair':>12} {'longest':>8} "
+    head = (f"{'model':<9} {'system':<22} {'pairs/s':>8} {'s/step':>7} {'tokens/pair':>12} {'longest':>8} "
             f"{'peak RSS GB':>12} {'process s':>10}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<9} {r['system']:<19} failed: {r['error'][:90]}")
+            print(f"{r['model']:<9} {r['system']:<22} failed: {r['error'][:90]}")
             continue
-        print(f"{r['model']:<9} {r['system']:<19} {rate(r):>8.2f} {r['seconds'] / r['steps']:>7.2f} "
+        print(f"{r['model']:<9} {r['system']:<22} {rate(r):>8.2f} {r['seconds'] / r['steps']:>7.2f} "
               f"{r['tokens_per_pair']:>12.1f} {r['longest']:>8} {r['peak_rss_gb']:>12.2f} {r['wall_s']:>10.1f}")
     print()
     compare(rows, [("rlhfkit", "trl"), ("rlhfkit-gc", "trl"), ("rlhfkit", "trl-fast"),
-                   ("rlhfkit-precompute", "trl-precompute"), ("rlhfkit-precompute", "trl")],
+                   ("rlhfkit-precompute", "trl-precompute"), ("rlhfkit-precompute-gc", "trl-precompute"),
+                   ("rlhfkit-precompute", "trl")],
             lambda model, beta: f"DPO {model}")
     print_settings(rows)
 
@@ -435,7 +437,7 @@ def print_settings(rows: list[dict]) -> None:
     first = rows[0]["model"] if rows else None
     for r in rows:
         if r["model"] == first and "settings" in r:
-            print(f"  {r['system']:<19} {r['settings']}")
+            print(f"  {r['system']:<22} {r['settings']}")
 
 
 def main() -> None:
