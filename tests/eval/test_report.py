@@ -17,16 +17,22 @@ def fake_eval(folder, gold, gold_ci, kl):
 def test_summary_checks_and_report_page(tmp_path):
     fake_eval(tmp_path / "eval" / "sft", 0.2, [0.15, 0.25], 0.0)
     fake_eval(tmp_path / "eval" / "ppo", 0.5, [0.42, 0.58], 8.0)
+    fake_eval(tmp_path / "eval" / "dpo", 0.3, [0.2, 0.4], 2.0)
+    fake_eval(tmp_path / "eval" / "best-of-n", 0.3, [0.26, 0.34], 1.0)
     (tmp_path / "ppo").mkdir()
     (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "objective/scores": s * 0.1, "objective/kl": s * 0.2, "ppo/clipfrac": 0.1}) + "\n"
         for s in range(1, 6)))
     summary = build_summary(tmp_path, kl_budget=5.0, timings={"sft": 10.0, "ppo": 50.0})
-    assert summary["checks"] == {"ppo_gold_above_sft": True, "ppo_kl_within_budget": False}
+    assert list(summary["policies"]) == ["sft", "ppo", "dpo", "best-of-n"]  # SFT, the recipe's order, the rest
+    assert summary["checks"] == {"ppo_gold_above_sft": True, "ppo_kl_within_budget": False,
+                                 "dpo_gold_above_sft": False, "dpo_kl_within_budget": True,
+                                 "best-of-n_gold_above_sft": True, "best-of-n_kl_within_budget": True}
     assert summary["total_s"] == 60.0
     page = write_report(tmp_path, 5.0, {"sft": 10.0, "ppo": 50.0}).read_text()
     assert page.count("data:image/png;base64,") == 2  # gold-vs-KL plane and the PPO curves
     assert "0.500 <span class=ci>[0.420, 0.580]</span>" in page
+    assert page.index("<th>sft</th>") < page.index("<th>ppo</th>") < page.index("<th>dpo</th>")
     assert "ppo says &lt;hi&gt;" in page and "<td class=prompt>b</td>" in page  # escaped, one row per prompt
     assert json.loads((tmp_path / "summary.json").read_text())["checks"]["ppo_kl_within_budget"] is False
 

@@ -117,8 +117,17 @@ def intervals_apart(better: dict, worse: dict, key: str = "gold_reward") -> bool
     return better[f"{key}_ci95"][0] > worse[f"{key}_ci95"][1]
 
 
+# Column order of the tables: the starting policy, then the fine-tuning methods in the recipe's order, then others.
+POLICY_ORDER = ("sft", "ppo", "dpo", "grpo", "rloo")
+
+
+def _policy_rank(name: str) -> tuple[int, str]:
+    return (POLICY_ORDER.index(name) if name in POLICY_ORDER else len(POLICY_ORDER), name)
+
+
 def build_summary(out: Path, kl_budget: float, timings: dict) -> dict:
-    evals = {p.name: _read_json(p / "eval.json") for p in sorted((out / "eval").glob("*")) if (p / "eval.json").is_file()}
+    folders = sorted((p for p in (out / "eval").glob("*") if (p / "eval.json").is_file()), key=lambda p: _policy_rank(p.name))
+    evals = {p.name: _read_json(p / "eval.json") for p in folders}
     reward_rows = read_metrics(out / "reward" / "metrics.jsonl") if (out / "reward" / "metrics.jsonl").is_file() else []
     final_rm = next((r for r in reversed(reward_rows) if "eval/accuracy" in r), {})
     summary = {
