@@ -6,7 +6,7 @@ import pytest
 
 from rlhfkit.cli import main
 from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import demo_path, load_pipeline, run_pipeline
+from rlhfkit.pipeline import ALGOS, demo_path, load_pipeline, run_pipeline, stage_config
 
 
 def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
@@ -60,6 +60,20 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "DPO training curves" in page and "GRPO training curves" in page
     assert page.count("<th>grpo</th>") == 2  # the before/after table and the samples side by side
+
+
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_demo_presets_configure_every_fine_tuning_method(tmp_path, preset):
+    """`--algos` may name any of them: none may fall back to a stage's defaults (RLOO's: 100 iterations at
+    TRL's learning rate for large models), which a demo is not tuned for."""
+    pipe = load_pipeline(demo_path(preset), {"output_dir": str(tmp_path), "algos": ",".join(ALGOS)})
+    assert pipe.stages[-len(ALGOS) - 1:] == [*ALGOS, "eval"]
+    for algo in ALGOS:
+        assert "max_steps" in pipe.sections[algo] and "learning_rate" in pipe.sections[algo], algo
+    rloo = stage_config(pipe, "rloo", {})
+    assert (rloo.kl_in_reward, rloo.advantage, rloo.loss_aggregation) == (True, "rloo", "seq-mean-token-sum")
+    grpo = stage_config(pipe, "grpo", {})
+    assert (rloo.max_new_tokens, rloo.temperature) == (grpo.max_new_tokens, grpo.temperature)
 
 
 def test_algos_replace_the_fine_tuning_stages_and_are_checked(tmp_path):
