@@ -172,3 +172,12 @@ def test_shapes_are_kept_and_bad_arguments_are_refused():
         head_logprobs(h, w, labels[:5])
     with pytest.raises(ValueError, match="weight must be"):
         head_logprobs(h, w.t(), labels)
+
+
+def test_no_rows_give_zero_gradients_of_the_weight_and_bias():
+    h, w, b, labels = _inputs(n=0)
+    logprobs, entropy = head_logprobs(h, w, labels, bias=b, with_entropy=True)
+    assert logprobs.shape == (0,) and entropy.shape == (0,)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert h.grad.shape == (0, 4)
