@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from rlhfkit.pipeline import ALGOS
 from rlhfkit.trainers.metrics_log import read_metrics
 
 # Training curves per fine-tuning stage: (metric key in its metrics.jsonl, title), plotted when present.
@@ -117,8 +118,8 @@ def intervals_apart(better: dict, worse: dict, key: str = "gold_reward") -> bool
     return better[f"{key}_ci95"][0] > worse[f"{key}_ci95"][1]
 
 
-# Column order of the tables: the starting policy, then the fine-tuning methods in the recipe's order, then others.
-POLICY_ORDER = ("sft", "ppo", "dpo", "grpo", "rloo")
+# Column order of the tables: the starting policy, then the fine-tuning methods in the pipeline's order, then others.
+POLICY_ORDER = ("sft", *ALGOS)
 
 
 def _policy_rank(name: str) -> tuple[int, str]:
@@ -126,7 +127,8 @@ def _policy_rank(name: str) -> tuple[int, str]:
 
 
 def build_summary(out: Path, kl_budget: float, timings: dict) -> dict:
-    folders = sorted((p for p in (out / "eval").glob("*") if (p / "eval.json").is_file()), key=lambda p: _policy_rank(p.name))
+    folders = sorted((p for p in (out / "eval").glob("*") if (p / "eval.json").is_file()),
+                     key=lambda p: _policy_rank(p.name))
     evals = {p.name: _read_json(p / "eval.json") for p in folders}
     reward_rows = read_metrics(out / "reward" / "metrics.jsonl") if (out / "reward" / "metrics.jsonl").is_file() else []
     final_rm = next((r for r in reversed(reward_rows) if "eval/accuracy" in r), {})

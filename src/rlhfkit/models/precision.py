@@ -55,8 +55,8 @@ def bf16_weights(model: torch.nn.Module):
     is bf16 too, as in those engines: it reads its whole weight (49152 x 576 for the embedded model) at every
     decoding step, half as many bytes in bf16, and its logits are upcast before sampling (rollout/scoring.py's
     `lm_head_logits`). The embedding lookup returns the bf16 rounding of the fp32 rows, as a cast of its fp32
-    output would. Sampling from these weights is not scored: PPO's
-    log-probs come from the scoring forward, whose head runs in fp32.
+    output would. Sampling from these weights is not scored: PPO's log-probs come from the scoring forward,
+    whose head runs in fp32.
     """
     originals = {}
     with torch.no_grad():

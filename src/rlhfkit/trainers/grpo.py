@@ -137,8 +137,7 @@ def _micro_batch_backward(models: GroupModels, sub, idx, old: dict, advantages, 
         logprobs, old_logprobs, old["ref_logprobs"][idx, :width] if kl_in_loss else None, advantages[idx], mask,
         clip_eps=config.clip_eps, kl_coef=config.beta if kl_in_loss else 0.0, aggregation=config.loss_aggregation,
         max_tokens=config.max_new_tokens, clip_eps_high=config.clip_eps_high)
-    with torch.no_grad():
-        entropy = masked_mean(token_entropy.detach(), mask > 0)
+    entropy = masked_mean(token_entropy.detach(), mask > 0)
     # Backward runs in the dtypes the forward chose; autocast must not recast it.
     with autocast_paused():
         (loss * share).backward()

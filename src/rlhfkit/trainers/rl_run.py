@@ -1,6 +1,7 @@
 """What the sampling trainers (PPO, GRPO, RLOO) share around their iteration: resuming from the newest
 intact checkpoint, the metrics every iteration logs, logging a row (and stopping on too many non-finite
-updates), and the end-of-iteration checkpoint, which SIGTERM / Ctrl-C also asks for. Each trainer's loop stays readable top to bottom."""
+updates), and the end-of-iteration checkpoint, which SIGTERM / Ctrl-C also asks for. Each trainer's loop
+stays readable top to bottom."""
 
 from __future__ import annotations
 
