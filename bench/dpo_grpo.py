@@ -9,8 +9,9 @@
 Each (algorithm, system, model) runs in its own Python process, so peak memory (max RSS, which includes loading
 the models) is measured separately. rlhfkit workers run under this interpreter; TRL workers under --trl-python
 (default: /work/venv-trl/bin/python or .venv-trl/bin/python if one exists, else this interpreter). Both get the
-same model folder, the same tokenizer object (rlhfkit's loader: pad token, chat template), the same data, bf16
-autocast on the CPU, and no evaluation or checkpoints while timed. The first `--warmup` optimizer steps are not
+same model folder, the same tokenizer object (rlhfkit's loader: pad token, chat template), the same data, the
+same precision (`--precision`: `auto` is bf16 autocast where the CPU runs bf16 natively and fp32 where it would
+only emulate it; `fp32` or `bf16` force one on both sides), and no evaluation or checkpoints while timed. The first `--warmup` optimizer steps are not
 timed; a step's time runs from the end of the previous step to the end of this one (TRL: TrainerCallback
 on_step_end; rlhfkit: time/step_s of metrics.jsonl).
 
@@ -57,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 REWARD = "rewards:vader_compound"  # bench/rewards.py; bench/ is put on sys.path in every worker
 TRL_VENVS = (Path("/work/venv-trl/bin/python"), ROOT / ".venv-trl" / "bin" / "python")
+sys.path.insert(0, str(BENCH))
+from precision_choice import MIXED, PRECISION_WORDS, resolve_bench_precision  # noqa: E402
 
 DPO_SYSTEMS = "rlhfkit,rlhfkit-gc,rlhfkit-precompute,rlhfkit-precompute-gc,trl,trl-precompute,trl-fast"
 GRPO_SYSTEMS = "rlhfkit,rlhfkit-gc,trl,trl-fast"
@@ -114,7 +117,7 @@ def dpo_ours(args, work: Path) -> dict:
                      max_steps=args.steps + args.warmup, batch_size=args.batch, gradient_accumulation_steps=args.accum,
                      max_prompt_length=args.max_prompt_length, max_length=args.max_length, beta=args.beta,
                      loss_type="sigmoid", learning_rate=1e-6, lr_scheduler="linear", warmup_ratio=0.0,
-                     mixed_precision="bf16", precompute_ref_logprobs=args.system.startswith("rlhfkit-precompute"),
+                     mixed_precision=MIXED[args.precision], precompute_ref_logprobs=args.system.startswith("rlhfkit-precompute"),
                      gradient_checkpointing=args.system.endswith("-gc"),
                      save_every=0, eval_every=0, log_every=1, progress=False)
     config = build_config("dpo", overrides=[(k, str(v)) for k, v in overrides.items()])
@@ -191,7 +194,7 @@ def dpo_trl(args, work: Path) -> dict:
         gradient_accumulation_steps=args.accum, max_length=args.max_length, beta=args.beta, loss_type=["sigmoid"],
         learning_rate=1e-6, lr_scheduler_type="linear", warmup_steps=0, max_steps=args.steps + args.warmup,
         precompute_ref_log_probs=args.system == "trl-precompute", precompute_ref_batch_size=args.batch,
-        gradient_checkpointing=not fast, bf16=True, use_cpu=True, seed=0, dataloader_num_workers=0,
+        gradient_checkpointing=not fast, bf16=args.precision == "bf16", use_cpu=True, seed=0, dataloader_num_workers=0,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True)
     marks = Marks()
     # ref_model=None: TRL loads the reference itself from the same folder (dtype and attention of the policy),
@@ -229,7 +232,7 @@ def grpo_ours(args, work: Path) -> dict:
                      forward_batch_size=0, num_iterations=1, max_new_tokens=args.new_tokens, temperature=1.0,
                      top_p=1.0, beta=args.beta, advantage="grpo", loss_aggregation="token-mean",
                      learning_rate=1e-6, lr_scheduler="constant", max_prompt_length=args.max_prompt_length,
-                     max_length=args.max_prompt_length + args.new_tokens, mixed_precision="bf16",
+                     max_length=args.max_prompt_length + args.new_tokens, mixed_precision=MIXED[args.precision],
                      gradient_checkpointing=args.system.endswith("-gc"),
                      save_every=0, sample_every=0, log_every=1, progress=False)
     config = build_config("grpo", overrides=[(k, str(v)) for k, v in overrides.items()])
@@ -270,7 +273,7 @@ def grpo_trl(args, work: Path) -> dict:
         gradient_accumulation_steps=args.accum, num_generations=args.generations,
         max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=args.beta,
         num_iterations=1, loss_type="dapo", scale_rewards="group", learning_rate=1e-6, lr_scheduler_type="constant",
-        max_steps=args.steps + args.warmup, gradient_checkpointing=not fast, bf16=True, use_cpu=True,
+        max_steps=args.steps + args.warmup, gradient_checkpointing=not fast, bf16=args.precision == "bf16", use_cpu=True,
         use_vllm=False, seed=0, dataloader_num_workers=0, report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=1, log_completions=False, disable_tqdm=True)
     assert config.generation_batch_size == rollout and config.steps_per_generation == args.accum, \
@@ -351,7 +354,7 @@ def versions(python: str) -> str:
 def run_worker(args, algo: str, system: str, model: str, work: str, beta: float) -> dict:
     python = args.trl_python if system.startswith("trl") else sys.executable
     cmd = [python, __file__, "--worker", "--algo", algo, "--system", system, "--model", model, "--work", work,
-           "--beta", str(beta)]
+           "--beta", str(beta), "--precision", args.precision]
     for key in ("steps", "warmup", "batch", "accum", "max_prompt_length", "max_length", "prompts", "generations",
                 "new_tokens"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -387,7 +390,7 @@ def compare(rows: list[dict], pairs: list[tuple[str, str]], label) -> None:
 
 def report_dpo(args, rows: list[dict], trl_version: str) -> None:
     print(f"\nDPO, {trl_version}: batch {args.batch} pairs x {args.accum} accumulation = {args.batch * args.accum} pairs "
-          f"per step, max_length {args.max_length}, beta {args.beta}, sigmoid, bf16 autocast, {args.warmup} warm-up + "
+          f"per step, max_length {args.max_length}, beta {args.beta}, sigmoid, {PRECISION_WORDS[args.precision]}, {args.warmup} warm-up + "
           f"{args.steps} timed steps (training steps only), {os.cpu_count()} CPUs\n")
     head = (f"{'model':<9} {'system':<22} {'pairs/s':>8} {'s/step':>7} {'tokens/pair':>12} {'longest':>8} "
             f"{'peak RSS GB':>12} {'process s':>10}")
@@ -411,7 +414,7 @@ def report_grpo(args, rows: list[dict], trl_version: str) -> None:
     rollout = args.prompts * args.generations
     print(f"\nGRPO, {trl_version}: {args.prompts} prompts x {args.generations} generations = {rollout} completions per "
           f"step (one optimizer step, {args.accum} micro-batches of {rollout // args.accum}), {args.new_tokens} new "
-          f"tokens max, temperature 1, reward {REWARD}, bf16 autocast, {args.warmup} warm-up + {args.steps} timed "
+          f"tokens max, temperature 1, reward {REWARD}, {PRECISION_WORDS[args.precision]}, {args.warmup} warm-up + {args.steps} timed "
           f"steps, {os.cpu_count()} CPUs\n")
     head = (f"{'model':<9} {'beta':>5} {'system':<10} {'samples/s':>9} {'tokens/s':>9} {'tok/compl':>9} {'generate':>9} "
             f"{'score':>6} {'train':>6} {'peak RSS GB':>12} {'process s':>10}")
@@ -459,6 +462,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="GRPO: completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="GRPO: max new tokens per completion")
     parser.add_argument("--grpo-beta", default="0.0", help="GRPO KL coefficient(s), comma-separated (e.g. 0,0.04)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="both sides: bf16 autocast or fp32; auto = bf16 where the CPU runs it natively")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--algo", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -469,6 +474,8 @@ def main() -> None:
         return worker(args)
     if (args.prompts * args.generations) % args.accum:
         parser.error("--accum must divide prompts x generations")
+    args.precision, why = resolve_bench_precision(args.precision)
+    print(f"precision: {args.precision} ({why})")
 
     trl_version = versions(args.trl_python)
     print(f"rlhfkit workers: {sys.executable}; TRL workers: {args.trl_python}, {trl_version}", flush=True)

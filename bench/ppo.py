@@ -8,8 +8,9 @@ Each (system, model) pair runs in its own Python process, so peak memory (max RS
 four models) is measured separately. Every system gets: the same policy (also the reference), the same reward
 model (the policy's trunk with a seeded random scalar head, also the critic's start), the same prompts
 (chatterbot, chat template), rollout batch, mini-batch, micro-batch, PPO epochs, response length, temperature
-1, bf16 autocast on CPU, scoring forwards over the whole rollout, and no evaluation or checkpoints. The first
-iteration warms up and is not timed.
+1, the same precision (`--precision`: `auto` is bf16 autocast where the CPU runs bf16 natively, fp32 where it
+would only emulate it; `fp32` or `bf16` force one on both sides), scoring forwards over the whole rollout, and
+no evaluation or checkpoints. The first iteration warms up and is not timed.
 
 - `rlhfkit`: the defaults; the policy's old log-probs come from a scoring forward, so the first update's
   ratio is exactly 1.
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from precision_choice import MIXED, PRECISION_WORDS, resolve_bench_precision  # noqa: E402
 
 
 def make_reward_folder(model_name: str, folder: Path) -> None:
@@ -66,7 +69,8 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
                      max_steps=args.iterations + 1, rollout_batch_size=args.rollout, mini_batch_size=args.mini,
                      gradient_accumulation_steps=args.mini // args.micro, ppo_epochs=args.epochs,
                      max_new_tokens=args.response_length, max_prompt_length=64, max_length=64 + args.response_length,
-                     forward_batch_size=args.rollout, mixed_precision="bf16", save_every=0, sample_every=0,
+                     forward_batch_size=args.rollout, mixed_precision=MIXED[args.precision], save_every=0,
+                     sample_every=0,
                      progress=False, critic_init="reward",
                      logprobs_from_sampling=args.system == "rlhfkit-sampled")
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
@@ -112,7 +116,8 @@ def run_trl(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
         gradient_accumulation_steps=args.rollout // args.micro, num_mini_batches=args.rollout // args.mini,
         num_ppo_epochs=args.epochs, total_episodes=args.rollout * iterations, response_length=args.response_length,
         local_rollout_forward_batch_size=args.rollout, stop_token="eos", temperature=1.0, learning_rate=3e-6,
-        num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=1, bf16=True, use_cpu=True,
+        num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=1,
+        bf16=args.precision == "bf16", use_cpu=True,
         seed=0, dataloader_num_workers=0)
 
     generate_s = [0.0]
@@ -174,6 +179,8 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--response-length", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="both sides: bf16 autocast or fp32; auto = bf16 where the CPU runs it natively")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -181,6 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    args.precision, why = resolve_bench_precision(args.precision)
+    print(f"precision: {args.precision} ({why})")
 
     rows = []
     for model in args.models.split(","):
@@ -192,7 +201,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "--system", system, "--model", model, "--work", tmp,
                        "--iterations", str(args.iterations), "--rollout", str(args.rollout), "--mini", str(args.mini),
                        "--micro", str(args.micro), "--epochs", str(args.epochs),
-                       "--response-length", str(args.response_length)]
+                       "--response-length", str(args.response_length), "--precision", args.precision]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -201,7 +210,7 @@ def main() -> None:
                     continue
                 rows.append({"model": model, "system": system, **json.loads(line[7:])})
     print(f"\nPPO, rollout {args.rollout}, mini-batch {args.mini}, micro-batch {args.micro}, {args.epochs} epoch(s), "
-          f"{args.response_length} new tokens, bf16 autocast, {args.iterations} timed iterations, {os.cpu_count()} CPUs\n")
+          f"{args.response_length} new tokens, {PRECISION_WORDS[args.precision]}, {args.iterations} timed iterations, {os.cpu_count()} CPUs\n")
     head = f"{'model':<9} {'system':<15} {'samples/s':>9} {'tokens/s':>9} {'generate':>9} {'score':>7} {'train':>7} {'peak RSS GB':>12}"
     print(head)
     print("-" * len(head))

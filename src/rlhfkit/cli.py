@@ -87,9 +87,9 @@ def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]
     return config_file, preset, wants_help, rest
 
 
-PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision no|bf16]
+PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision auto|no|bf16]
                         [--algos ppo,dpo,grpo,rloo]
-       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision no|bf16] [--algos ...]
+       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision auto|no|bf16] [--algos ...]
 
 Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.
 `--algos ppo,dpo,grpo` runs those fine-tuning stages instead (DPO on the annotated preferences, GRPO and RLOO

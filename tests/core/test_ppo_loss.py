@@ -118,7 +118,7 @@ def loop_value(values, old_values, returns, mask, clip):
         for t in range(values.shape[1]):
             v, old, r = values[i, t].item(), old_values[i, t].item(), returns[i, t].item()
             vf1 = (v - r) ** 2
-            vf2 = vf1 if clip is None else (old + min(max(v - old, -clip), clip) - r) ** 2
+            vf2 = vf1 if clip is None else (min(max(v, old - clip), old + clip) - r) ** 2
             row.append(max(vf1, vf2))
             if mask[i, t]:
                 clipped.append(vf2 > vf1)
@@ -277,6 +277,27 @@ def test_value_loss_by_hand():
     torch.testing.assert_close(values.grad, f64([[0.0, -0.5]]))
     unclipped, metrics = ppo_value_loss(values, old, returns, mask, clip_range_value=None)
     assert unclipped.item() == pytest.approx(0.3125) and metrics["ppo/value_clipfrac"].item() == 0.0
+
+
+def test_value_clipfrac_counts_no_token_inside_the_clip_range_in_float32():
+    """V 0.21, V_old 0.04, R 1.84, c 0.5: V moved 0.17 < c, so nothing is clipped. Clipping as V_old + clamp(V - V_old)
+    rounds in float32 to a value one ulp away from V, whose error then looks larger: a clip fraction of 1 where verl
+    and TRL report 0."""
+    values = torch.tensor([[0.21]], dtype=torch.float32, requires_grad=True)
+    old, returns, mask = torch.tensor([[0.04]]), torch.tensor([[1.84]]), torch.ones(1, 1)
+    assert (old + (values - old).clamp(-0.5, 0.5)).item() != values.item()  # the rounding this guards against
+    loss, metrics = ppo_value_loss(values, old, returns, mask, clip_range_value=0.5)
+    assert metrics["ppo/value_clipfrac"].item() == 0.0
+    assert loss.item() == 0.5 * (values - returns).square().item()
+    loss.backward()
+    torch.testing.assert_close(values.grad, values.detach() - returns)  # the unclipped gradient, in full
+    # Many unclipped tokens of float32 magnitudes: none counted.
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randn(64, 32, generator=gen)
+    values = old + (torch.rand(64, 32, generator=gen) - 0.5) * 0.9  # |V - V_old| < 0.45 < c
+    returns = torch.randn(64, 32, generator=gen) * 3
+    _, metrics = ppo_value_loss(values, old, returns, torch.ones(64, 32), clip_range_value=0.5)
+    assert metrics["ppo/value_clipfrac"].item() == 0.0
 
 
 def test_explained_variance_by_hand():

@@ -4,7 +4,8 @@ import copy
 
 import torch
 
-from rlhfkit.models.precision import autocast, store_linears_in_bf16
+from rlhfkit.models.precision import store_linears_in_bf16
+from rlhfkit.runtime.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
 from rlhfkit.models.loading import resolve_model_path
 from rlhfkit.rollout.batch import build_rollout_batch

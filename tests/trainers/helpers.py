@@ -15,6 +15,10 @@ def write_jsonl(path, rows):
 
 
 def tiny_config(stage, **overrides):
+    """The tiny preset with `overrides`. In fp32 unless a test asks for another precision: the tiny preset's
+    'auto' would run bf16 on a CPU with native bf16 and fp32 on one without, and a test's numbers (tolerances,
+    learning margins) must mean the same on both."""
+    overrides = {"mixed_precision": "no", **overrides}
     return build_config(stage, preset="tiny", overrides=[(k, str(v)) for k, v in overrides.items()])
 
 

@@ -42,7 +42,10 @@ def test_precomputed_reference_gives_the_same_training(tmp_path):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a[key], b[key])
     a, b = load_file(tmp_path / "held" / "model.safetensors"), load_file(tmp_path / "pre" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # The two runs' gradients differ only by rounding (the reference scored in other batches), and AdamW moves a
+    # weight by at most about the learning rate (1e-3 in the tiny preset) per step: the weights must agree to a
+    # hundredth of one step.
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-2 * 1e-3) for k in a)
 
 
 def test_ipo_and_bad_settings(tmp_path, capsys):

@@ -42,14 +42,22 @@ def test_config_choices_name_the_core_functions():
 
 
 def test_grpo_learns_a_verifiable_reward_function(tmp_path, prompts):
-    """The share of 'aligned' tokens (tests/trainers/rewards.py) starts near 0.5. With 10 iterations of
-    4 prompts x 4 samples at lr 0.1, over seeds 0-2 the first 3 iterations averaged 0.43-0.54 and the last 3
-    were 1.0 (every completion all aligned) from iteration 5 or 6 on."""
-    out = tmp_path / "grpo"
-    run_grpo(tiny_config("grpo", data=prompts, reward_function=ALIGNED, output_dir=out, progress=False,
-                         max_steps=10, learning_rate=0.1, save_every=0, sample_every=0))
-    scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.25, scores
+    """The share of 'aligned' tokens (tests/trainers/rewards.py) starts near 0.5 and GRPO raises it, on every seed.
+
+    How fast is chaotic at lr 0.1: the same seed follows another path on a CPU whose kernels round differently
+    (AVX2 against AVX-512). Over seeds 0-2, 10 iterations of 4 prompts x 4 samples: on an AVX-512 CPU all three
+    reached 1.0 (every completion all aligned) by iteration 5-6; on an AVX2 CPU the first 3 iterations averaged
+    0.51-0.55 and the last 3 0.66, 1.00 and 1.00 (seeds 3 and 4: 0.93, 0.95). So the test asks, over three seeds,
+    for a rise on each and a mean rise of more than 0.25, not for one seed's curve."""
+    rises = []
+    for seed in range(3):
+        out = tmp_path / f"grpo-{seed}"
+        run_grpo(tiny_config("grpo", data=prompts, reward_function=ALIGNED, output_dir=out, progress=False,
+                             max_steps=10, learning_rate=0.1, save_every=0, sample_every=0, seed=seed))
+        scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
+        rises.append(sum(scores[-3:]) / 3 - sum(scores[:3]) / 3)
+        assert rises[-1] > 0, (seed, scores)
+    assert sum(rises) / 3 > 0.25, rises
 
 
 def test_rloo_advantages_are_leave_one_out_of_the_kl_penalised_rewards(tmp_path, monkeypatch, prompts):

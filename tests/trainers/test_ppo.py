@@ -97,7 +97,7 @@ def test_every_update_forward_sees_the_current_weights_under_bf16(tmp_path, monk
     import copy
 
     import rlhfkit.trainers.ppo as ppo_module
-    from rlhfkit.models.precision import autocast
+    from rlhfkit.runtime.precision import autocast
     from rlhfkit.rollout.scoring import response_logprobs
 
     seen = []

@@ -17,11 +17,12 @@ from rlhfkit.config import AnnotateConfig
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
-from rlhfkit.models.precision import autocast
+from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
 from rlhfkit.trainers.stage_data import prompt_records
+from rlhfkit.runtime.precision import resolve_precision
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -31,6 +32,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_annotate(config: AnnotateConfig) -> Path:
+    resolve_precision(config)
     out = Path(config.output_dir or "runs/annotate")
     records = prompt_records(config.data, "train", config.num_prompts)
     scorer = load_gold_scorer(config.gold_scorer)

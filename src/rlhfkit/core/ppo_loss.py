@@ -232,7 +232,7 @@ def ppo_value_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss of PPO2 (OpenAI baselines), as in TRL and OpenRLHF.
 
-    ``V_clip = V_old + clip(V - V_old, -c, c)``; ``loss = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))``.
+    ``V_clip = clip(V, V_old - c, V_old + c)``; ``loss = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))``.
     Taking the max makes the clip pessimistic: a value moving more than ``c`` from ``V_old`` gets no
     gradient when that move reduces the error, and the full gradient when it increases it.
 
@@ -263,7 +263,10 @@ def ppo_value_loss(
     if clip_range_value is None:
         token_losses, clipped = vf_unclipped, torch.zeros_like(keep)
     else:
-        values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+        # clamp(V, V_old - c, V_old + c), not V_old + clamp(V - V_old, -c, c): the two are equal in exact
+        # arithmetic, but the second rounds V - V_old and adds it back, so an unclipped V can come back one ulp
+        # off and the strict `>` below would count it as clipped (e.g. fp32 V 0.21, V_old 0.04, R 1.84, c 0.5).
+        values_clipped = values.clamp(old_values - clip_range_value, old_values + clip_range_value)
         vf_clipped = (values_clipped - returns).square()
         token_losses, clipped = torch.maximum(vf_unclipped, vf_clipped), vf_clipped > vf_unclipped
     loss = 0.5 * aggregate_loss(token_losses, keep, aggregation, max_tokens)

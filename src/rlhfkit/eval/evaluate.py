@@ -25,7 +25,7 @@ from rlhfkit.core.stats import mean_ci95, win_rate
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
-from rlhfkit.models.precision import autocast
+from rlhfkit.runtime.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
@@ -33,6 +33,7 @@ from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
 from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.output_dir import prepare_output_dir
 from rlhfkit.trainers.stage_data import prompt_records
+from rlhfkit.runtime.precision import resolve_precision
 
 
 @torch.no_grad()
@@ -67,6 +68,7 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
 
 
 def run_eval(config: EvalConfig) -> Path:
+    resolve_precision(config)
     out = Path(config.output_dir or "runs/eval")
     records = prompt_records(config.data, "eval", config.num_prompts)
     gold = load_gold_scorer(config.gold_scorer)

@@ -1,7 +1,6 @@
-"""Mixed precision: bf16 matmuls under autocast, fp32 weights and optimizer state.
+"""bf16 copies of a model's weights, for frozen models under bf16 autocast and for sampling.
 
-On this project's reference CPU, bf16 matmuls run about 3x faster than fp32 (AMX/AVX512-BF16); on GPUs
-bf16 autocast is the usual setting. fp16 is not offered: it needs loss scaling and is very slow on CPUs.
+Which precision a stage runs in (and the autocast contexts) is runtime/precision.py's business.
 """
 
 from __future__ import annotations
@@ -9,20 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
-MIXED_PRECISION = ("no", "bf16")
-
-
-def autocast(mode: str, device_type: str = "cpu"):
-    """A context in which forward passes run in `mode` ('no' or 'bf16')."""
-    if mode == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-
-
-def autocast_paused(device_type: str = "cpu"):
-    """Autocast off inside an autocast context (for backward passes), keeping that context's cast cache."""
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def store_linears_in_bf16(model: torch.nn.Module) -> torch.nn.Module:

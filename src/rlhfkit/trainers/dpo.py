@@ -17,11 +17,13 @@ from rlhfkit.core.dpo import dpo_loss, sequence_logps
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
-from rlhfkit.models.precision import autocast, store_linears_in_bf16
+from rlhfkit.models.precision import store_linears_in_bf16
+from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.runtime.precision import resolve_precision
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +81,7 @@ def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict
 
 
 def run_dpo(config: DPOConfig) -> Path:
+    resolve_precision(config)
     out = resolve_output_dir(config, "dpo")
     train_records, eval_records = train_eval_records(config, "preference")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)

@@ -27,7 +27,7 @@ from rlhfkit.core.grpo_loss import grpo_policy_loss
 from rlhfkit.core.kl import kl_penalty
 from rlhfkit.core.masked import masked_mean, masked_sum
 from rlhfkit.errors import UserError
-from rlhfkit.models.precision import autocast, autocast_paused
+from rlhfkit.runtime.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs
@@ -41,6 +41,7 @@ from rlhfkit.trainers.loop import BatchOrder
 from rlhfkit.trainers.metrics_log import MetricsLog
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
+from rlhfkit.runtime.precision import resolve_precision
 
 # How much of a mini-batch's loss a micro-batch carries, per loss aggregation: its share of the units the
 # aggregation averages over (real tokens; non-empty responses; all rows), so that gradient accumulation gives
@@ -191,6 +192,7 @@ def _repeat(items: list, k: int) -> list:
 
 
 def run_group(config: GRPOConfig, stage: str) -> Path:
+    resolve_precision(config)
     out = resolve_output_dir(config, stage)
     records = load_prompts_for(config, keep_extra=True)
     if len(records) < config.prompts_per_step:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.precision import autocast, autocast_paused
+from rlhfkit.runtime.precision import autocast, autocast_paused
 from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
                                          save_checkpoint, seed_everything)
 from rlhfkit.trainers.guard import NonFiniteGuard

@@ -25,7 +25,7 @@ from rlhfkit.core.ppo_loss import explained_variance, ppo_policy_loss, ppo_value
 from rlhfkit.core.reward_shaping import shape_rewards
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import check_fits_context
-from rlhfkit.models.precision import autocast, autocast_paused
+from rlhfkit.runtime.precision import autocast, autocast_paused
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs, response_values
@@ -40,6 +40,7 @@ from rlhfkit.trainers.optim import clip_gradients
 from rlhfkit.trainers.ppo_setup import PPOModels, build_optimizers, load_ppo_models
 from rlhfkit.trainers.rl_models import load_prompts_for
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir
+from rlhfkit.runtime.precision import resolve_precision
 
 
 @torch.no_grad()
@@ -144,6 +145,7 @@ def ppo_update(models: PPOModels, optimizers: dict, batch, old: dict, advantages
 
 
 def run_ppo(config: PPOConfig) -> Path:
+    resolve_precision(config)
     out = resolve_output_dir(config, "ppo")
     records = load_prompts_for(config)
     if len(records) < config.rollout_batch_size:

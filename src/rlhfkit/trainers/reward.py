@@ -17,6 +17,7 @@ from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.runtime.precision import resolve_precision
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,7 @@ def evaluate_pairs(model, examples: list, collate, batch_size: int, gold_diffs: 
 
 
 def run_reward(config: RewardConfig) -> Path:
+    resolve_precision(config)
     out = resolve_output_dir(config, "reward")
     train_records, eval_records = train_eval_records(config, "preference")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)

@@ -17,6 +17,7 @@ from rlhfkit.trainers.checkpoint import seed_everything
 from rlhfkit.trainers.loop import SupervisedTask, run_supervised
 from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
 from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.runtime.precision import resolve_precision
 
 
 def completion_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +48,7 @@ def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: i
 
 def run_sft(config: SFTConfig) -> Path:
     """Train; write the model folder, config.yaml, metrics.jsonl and checkpoints under output_dir."""
+    resolve_precision(config)
     out = resolve_output_dir(config, "sft")
     train_records, eval_records = train_eval_records(config, "sft")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
