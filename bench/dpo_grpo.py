@@ -71,7 +71,7 @@ GRPO_SYSTEMS = "rlhfkit,rlhfkit-gc,trl,trl-fast"
 def write_pairs(path: Path, n: int) -> None:
     """n conversational preference pairs from the chatterbot corpus: chosen = the prompt's own answer,
     rejected = the answer of the next distinct prompt."""
-    from rlhfkit.trainers.stage_data import embedded_sft_split
+    from rlhfkit.data.stage_records import embedded_sft_split
 
     train, _ = embedded_sft_split()
     seen, records = set(), []
@@ -91,7 +91,7 @@ def write_pairs(path: Path, n: int) -> None:
 
 
 def write_prompts(path: Path, n: int) -> None:
-    from rlhfkit.trainers.stage_data import embedded_prompts
+    from rlhfkit.data.stage_records import embedded_prompts
 
     prompts = embedded_prompts("train")[:n]
     path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}]}) + "\n"
@@ -110,7 +110,7 @@ def dpo_ours(args, work: Path) -> dict:
     from rlhfkit.data.tokenize import tokenize_preference
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.trainers.dpo import run_dpo
-    from rlhfkit.trainers.metrics_log import read_metrics
+    from rlhfkit.runtime.metrics_log import read_metrics
 
     out = work / args.system
     overrides = dict(model=args.model, data=work / "pairs.jsonl", eval_fraction=0.0, output_dir=out,
@@ -222,7 +222,7 @@ def dpo_trl(args, work: Path) -> dict:
 def grpo_ours(args, work: Path) -> dict:
     from rlhfkit.config_parsing import build_config
     from rlhfkit.trainers.grpo import run_grpo
-    from rlhfkit.trainers.metrics_log import read_metrics
+    from rlhfkit.runtime.metrics_log import read_metrics
 
     out = work / f"{args.system}-beta{args.beta}"
     rollout = args.prompts * args.generations

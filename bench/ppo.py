@@ -53,7 +53,7 @@ def make_reward_folder(model_name: str, folder: Path) -> None:
 
 
 def prompts_file(folder: Path, n: int) -> Path:
-    from rlhfkit.trainers.stage_data import embedded_prompts
+    from rlhfkit.data.stage_records import embedded_prompts
 
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in embedded_prompts("train")[:n]))
@@ -62,7 +62,7 @@ def prompts_file(folder: Path, n: int) -> Path:
 
 def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
     from rlhfkit.config_parsing import build_config
-    from rlhfkit.trainers.metrics_log import read_metrics
+    from rlhfkit.runtime.metrics_log import read_metrics
     from rlhfkit.trainers.ppo import run_ppo
 
     overrides = dict(model=args.model, reward_model=rm_folder, data=prompts, output_dir=work / args.system,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhfkit.cli import main
+from rlhfkit.cli import main, runner
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import ALGOS, demo_path, load_pipeline, run_pipeline, stage_config
 
@@ -46,7 +46,7 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     for stage in ("sft", "reward", "ppo"):
         assert (out / stage / "model.safetensors").exists() and not (out / stage / "checkpoints").exists(), stage
     capsys.readouterr()
-    run_pipeline(load_pipeline(demo_path("tiny"), {"output_dir": str(out)}))
+    run_pipeline(load_pipeline(demo_path("tiny"), {"output_dir": str(out)}), runner)
     assert capsys.readouterr().out.count("already done") == 6
     # --algos on the finished demo runs only the new stages, and the report compares every policy.
     assert main(["demo", "--preset", "tiny", "--output-dir", str(out), "--algos", "ppo,dpo,grpo"]) == 0

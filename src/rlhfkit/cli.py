@@ -11,7 +11,7 @@ import time
 
 from rlhfkit.errors import UserError
 from rlhfkit.host_memory import keep_freed_memory
-from rlhfkit.trainers.interrupt import TrainingStopped
+from rlhfkit.runtime.interrupt import TrainingStopped
 
 USAGE = """usage: rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key value ...]
 
@@ -61,32 +61,6 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def split_args(args: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
-    """Pull out --config, --preset and --help; return the rest as overrides."""
-    config_file = preset = None
-    wants_help, rest, i = False, [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-h", "--help"):
-            wants_help, i = True, i + 1
-        elif arg in ("--config", "--preset"):
-            if i + 1 >= len(args):
-                raise UserError(f"{arg} needs a value")
-            if arg == "--config":
-                config_file = args[i + 1]
-            else:
-                preset = args[i + 1]
-            i += 2
-        elif arg.startswith("--config=") or arg.startswith("--preset="):
-            name, value = arg[2:].split("=", 1)
-            config_file, preset = (value, preset) if name == "config" else (config_file, value)
-            i += 1
-        else:
-            rest.append(arg)
-            i += 1
-    return config_file, preset, wants_help, rest
-
-
 PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision auto|no|bf16]
                         [--algos ppo,dpo,grpo,rloo]
        rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision auto|no|bf16] [--algos ...]
@@ -102,35 +76,39 @@ continues (and `--algos` on a finished demo runs only the new stages)."""
 
 def run_stage(stage: str, rest: list[str]):
     from rlhfkit.config import STAGES
-    from rlhfkit.config_parsing import build_config, help_text, parse_overrides
+    from rlhfkit.config_parsing import build_config, flags_help, parse_flags
 
-    config_file, preset, wants_help, rest = split_args(rest)
-    if wants_help:
-        print(f"usage: rlhfkit {stage} [--config FILE.yaml] [--preset NAME] [--key value ...]\n\n"
-              f"{STAGES[stage].__doc__.strip()}\n\noptions:\n{help_text(stage)}")
+    prog = f"rlhfkit {stage}"
+    if "-h" in rest or "--help" in rest:
+        print(f"usage: {prog} [--config FILE.yaml] [--preset NAME] [--key value ...]\n\n"
+              f"{STAGES[stage].__doc__.strip()}\n\n{flags_help(STAGES[stage], prog)}")
         return None
-    config = build_config(stage, config_file, preset, parse_overrides(rest))
+    sources, flags = parse_flags(STAGES[stage], rest, prog)
+    config = build_config(stage, sources.config, sources.preset, flags)
     quiet_transformers()
     return runner(stage)(config)
 
 
 def run_pipeline_command(command: str, rest: list[str]):
-    from rlhfkit.config_parsing import parse_overrides
+    from rlhfkit.config import PipelineSettings
+    from rlhfkit.config_parsing import parse_flags
     from rlhfkit.pipeline import demo_path, load_pipeline, run_pipeline
 
-    config_file, preset, wants_help, rest = split_args(rest)
-    if wants_help:
+    if "-h" in rest or "--help" in rest:
         print(PIPELINE_USAGE)
         return None
     if command == "pipeline":
         if not rest or rest[0].startswith("--"):
             raise UserError("pipeline needs a YAML file: rlhfkit pipeline FILE.yaml")
         config_file, rest = rest[0], rest[1:]
-    else:
-        config_file = demo_path(preset)
-    pipe = load_pipeline(config_file, dict(parse_overrides(rest)))
+    sources, flags = parse_flags(PipelineSettings, rest, f"rlhfkit {command}")
+    if command == "demo":
+        config_file = demo_path(sources.preset)
+    elif sources.preset or sources.config:
+        raise UserError("pipeline takes its settings from FILE.yaml (no --config or --preset)")
+    pipe = load_pipeline(config_file, flags)
     quiet_transformers()
-    return run_pipeline(pipe)
+    return run_pipeline(pipe, runner)
 
 
 def main(argv: list[str] | None = None) -> int:

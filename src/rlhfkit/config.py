@@ -74,6 +74,15 @@ class LoggingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    max_new_tokens: int = opt(48, "Most tokens generated per response.")
+    temperature: float = opt(1.0, "Sampling temperature; log-probs (PPO, GRPO, RLOO) and KL (eval) are computed at "
+                             "the same temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; below 1, PPO/GRPO ratios and eval's KL are "
+                       "approximate).")
+
+
+@dataclass
 class TrainConfig(LoggingConfig, OptimizerConfig, RunConfig):
     data: str | None = opt(None, "Training data: JSONL, Parquet or a `datasets` folder saved to disk.")
     eval_data: str | None = opt(None, "Held-out data; if unset, `eval_fraction` of --data is held out.")
@@ -120,16 +129,13 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class AnnotateConfig(RunConfig):
+class AnnotateConfig(SamplingConfig, RunConfig):
     """Sample K responses per prompt, rank them with a simulated annotator, write rankings and pairs."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
                            "the chatterbot corpus prompts (training split).")
     num_prompts: int = opt(256, "Prompts to annotate (0: all).")
     responses_per_prompt: int = opt(4, "K: responses sampled per prompt (K >= 2); each ranking gives K(K-1)/2 pairs.")
-    max_new_tokens: int = opt(48, "Most tokens generated per response.")
-    temperature: float = opt(1.0, "Sampling temperature.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off).")
     batch_size: int = opt(32, "Prompts per generation batch.")
     gold_scorer: str = opt("vader", "Gold scorer: 'vader' (VADER compound sentiment of the response) or "
                            "'module:function' taking (prompts, responses) and returning a list of floats.")
@@ -140,7 +146,7 @@ class AnnotateConfig(RunConfig):
 
 
 @dataclass
-class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
+class PPOConfig(SamplingConfig, LoggingConfig, OptimizerConfig, RunConfig):
     """PPO (actor-critic) against a reward model, with a per-token KL penalty to a frozen reference."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
@@ -162,9 +168,6 @@ class PPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
                                      "critic, reward model); 0: the training micro-batch. Larger is faster and "
                                      "takes more memory (TRL: local_rollout_forward_batch_size).")
     ppo_epochs: int = opt(2, "Passes over each rollout batch.")
-    max_new_tokens: int = opt(48, "Most tokens generated per response.")
-    temperature: float = opt(1.0, "Sampling temperature; the same temperature scores the log-probs.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; anything else makes the PPO ratio approximate).")
     learning_rate: float = opt(3e-6, "Policy learning rate (AdamW).")
     critic_learning_rate: float = opt(1e-5, "Critic learning rate (AdamW).")
     lr_scheduler: str = opt("constant", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
@@ -200,7 +203,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", 
 
 
 @dataclass
-class GRPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
+class GRPOConfig(SamplingConfig, LoggingConfig, OptimizerConfig, RunConfig):
     """GRPO (Shao et al. 2024): K samples per prompt, group-relative advantages instead of a critic, a clipped
     surrogate and (beta > 0) a k3 KL to the reference inside the loss. Rewards come from a reward model and/or
     Python functions 'module:function' (verifiable rewards), summed with reward_weights. Defaults follow TRL's
@@ -228,9 +231,6 @@ class GRPOConfig(LoggingConfig, OptimizerConfig, RunConfig):
                                      "reward model); 0: the training micro-batch.")
     num_iterations: int = opt(1, "Passes over each rollout (TRL's num_iterations, PPO's epochs). With 1 pass and "
                               "one mini-batch the importance ratio is exactly 1.")
-    max_new_tokens: int = opt(48, "Most tokens generated per completion.")
-    temperature: float = opt(1.0, "Sampling temperature; the same temperature scores the log-probs.")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off; anything else makes the ratio approximate).")
     learning_rate: float = opt(1e-6, "Policy learning rate (AdamW); TRL's default.")
     lr_scheduler: str = opt("constant", "Decay after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.0, "Share of the optimizer steps spent warming the learning rate up from 0.")
@@ -279,7 +279,7 @@ class RLOOConfig(GRPOConfig):
 
 
 @dataclass
-class EvalConfig(RunConfig):
+class EvalConfig(SamplingConfig, RunConfig):
     """Sample responses from a policy on held-out prompts; score them (gold, reward model), measure KL to a
     reference and the gold-judged win rate against the reference's own samples."""
 
@@ -290,11 +290,25 @@ class EvalConfig(RunConfig):
     gold_scorer: str = opt("vader", "Gold scorer: 'vader' or 'module:function' (prompts, responses) -> floats.")
     num_prompts: int = opt(0, "Prompts evaluated (0: all).")
     samples_per_prompt: int = opt(2, "Responses sampled per prompt; intervals are computed over prompts.")
-    max_new_tokens: int = opt(48, "Most tokens generated per response.")
-    temperature: float = opt(1.0, "Sampling temperature (KL is measured at this temperature too).")
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1: off).")
     batch_size: int = opt(32, "Sequences per generation / scoring batch.")
     progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class PipelineSettings:
+    """The top-level settings of a pipeline file (`rlhfkit pipeline FILE.yaml`), each also a flag; every stage's
+    own settings go in the file's section of that stage."""
+
+    output_dir: str = opt("runs/pipeline", "Folder of the run: one sub-folder per stage, report.html, summary.json.")
+    model: str = opt("embedded", "The starting policy (a local HF folder, 'embedded' or 'tiny').")
+    seed: int = opt(0, "Seed of every stage.")
+    mixed_precision: str = opt("auto", "Precision of every stage unless its section says otherwise (see a stage's "
+                               "--help).", choices=("auto", "no", "bf16"))
+    gold_scorer: str = opt("vader", "The simulated annotator's judge, and the evaluation's.")
+    kl_budget: float = opt(15.0, "Nats per response; the summary checks every trained policy against it.")
+    keep_checkpoints: bool = opt(False, "Keep each finished stage's checkpoints/ (optimizer state included).")
+    algos: str | None = opt(None, "Fine-tuning stages to run and compare instead of those in `stages`, "
+                            "comma-separated (ppo,dpo,grpo,rloo); in a file, a list.")
 
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "annotate": AnnotateConfig, "ppo": PPOConfig,

@@ -1,12 +1,15 @@
 """Filling the stage configs (config.py) from presets, YAML files and `--key value` flags, and checking them.
 
 Precedence (later wins): dataclass defaults < `--preset NAME` < `--config FILE.yaml` < `--key value` flags.
-Values are checked against the field's type; an unknown key or a bad value is a `ConfigError` naming the file,
-line and key.
+Flags are parsed by transformers' `HfArgumentParser` over the same dataclasses (their `help` and `choices`
+metadata), YAML by PyYAML's safe loader; every value, from a flag, a file or a pipeline, goes through one
+coercion (`coerce`), so `null`, `yes`/`no` and numbers mean the same everywhere. An unknown key or a bad value
+is a `ConfigError` naming the file, line and key (or the flag).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -15,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from rlhfkit.config import STAGES
+from rlhfkit.config import (STAGES, AnnotateConfig, GRPOConfig, LoggingConfig, OptimizerConfig, PPOConfig,
+                            SamplingConfig, TrainConfig)
 from rlhfkit.errors import ConfigError
 
 
@@ -128,30 +132,70 @@ def _apply_mapping(cls, values: dict, lines: dict, path: Path, section: str | No
         out[str(key).replace("-", "_")] = coerce(cls, str(key).replace("-", "_"), value, where)
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """`--key value`, `--key=value` and bare `--flag` (true for booleans) into (key, text) pairs."""
-    pairs, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument '{arg}' (options look like --key value)")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-            i += 2
-        else:
-            value = "true"
-            i += 1
-        pairs.append((key.replace("-", "_"), value))
-    return pairs
+@dataclasses.dataclass
+class ConfigSources:
+    config: str | None = dataclasses.field(default=None, metadata={"help": "A YAML file of config fields."})
+    preset: str | None = dataclasses.field(default=None, metadata={"help": "A built-in configuration (e.g. tiny)."})
 
 
-def build_config(stage: str, config_file: str | None = None, preset: str | None = None,
-                 overrides: list[tuple[str, str]] = ()):
-    """Resolve a stage's config from defaults, a preset, a YAML file and flag overrides."""
+def _flag_parser(*classes, prog: str):
+    """HfArgumentParser over `classes`, whose values go through `coerce` and whose mistakes raise ConfigError
+    (argparse would print usage and exit). Only the flags given end up in the parsed namespace."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise ConfigError(message)
+
+    # One line per help text, however long: the help is read in a terminal, grepped and tested as written.
+    parser = Parser(classes, prog=prog, allow_abbrev=False, add_help=False,
+                    formatter_class=lambda prog: argparse.HelpFormatter(prog, width=10**6, max_help_position=36))
+    owners = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
+    for action in parser._actions:
+        cls = owners.get(action.dest)
+        if cls is None:
+            continue
+        flag = "--" + action.dest.replace("_", "-")
+        action.type = lambda text, cls=cls, key=action.dest, flag=flag: coerce(cls, key, text, flag)
+        action.choices = None  # checked by coerce, with the message every source gets
+        action.default = argparse.SUPPRESS
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+def parse_flags(cls, args: list[str], prog: str) -> tuple[ConfigSources, dict[str, Any]]:
+    """`--config`, `--preset` and the `--key value` flags of `cls` (also `--key=value`, and a bare `--flag` for
+    true): (the sources, {field: value} of the flags given, coerced)."""
+    parser = _flag_parser(cls, ConfigSources, prog=prog)
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown:
+        first = unknown[0]
+        if first.startswith("--") and len(first) > 2:
+            key = first[2:].split("=", 1)[0].replace("-", "_")
+            coerce(cls, key, None, f"--{key.replace('_', '-')}")  # raises: unknown key, with a suggestion
+        raise ConfigError(f"unexpected argument '{first}' (options look like --key value)")
+    given = vars(namespace)
+    sources = ConfigSources(given.pop("config", None), given.pop("preset", None))
+    return sources, given
+
+
+def flags_help(cls, prog: str) -> str:
+    """Every field of `cls` as argparse lists it (name, type, default, help), for `rlhfkit <stage> --help`."""
+    parser = _flag_parser(cls, ConfigSources, prog=prog)
+    for action in parser._actions:  # show the defaults in the help (they are suppressed for parsing)
+        if action.dest in {f.name for f in dataclasses.fields(cls)}:
+            default = next(f for f in dataclasses.fields(cls) if f.name == action.dest)
+            value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+            choices = default.metadata.get("choices")
+            text = f"{action.help} (default: {value}" + (f"; one of {', '.join(choices)})" if choices else ")")
+            action.help = text.replace("%", "%%")  # argparse formats help strings with %
+    return parser.format_help()
+
+
+def build_config(stage: str, config_file: str | None = None, preset: str | None = None, overrides=()):
+    """Resolve a stage's config from defaults, a preset, a YAML file and flag overrides (a dict or (key, value)
+    pairs; text is converted as on the command line)."""
     cls = STAGES[stage]
     values: dict[str, Any] = {}
     if preset:
@@ -163,7 +207,7 @@ def build_config(stage: str, config_file: str | None = None, preset: str | None 
         path = Path(config_file)
         data, lines = _yaml_mapping(path)
         _apply_mapping(cls, data, lines, path, None, values)
-    for key, text in overrides:
+    for key, text in (overrides.items() if isinstance(overrides, dict) else overrides):
         values[key] = coerce(cls, key, text, f"--{key.replace('_', '-')}")
     config = cls(**values)
     validate(config)
@@ -184,24 +228,24 @@ def validate(config) -> None:
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")
-    if hasattr(config, "log_every") and config.log_every < 1:
+    if isinstance(config, LoggingConfig) and config.log_every < 1:
         raise ConfigError(f"key 'log_every': must be >= 1, got {config.log_every}")
     if config.max_prompt_length >= config.max_length:
         raise ConfigError(f"key 'max_prompt_length': must be < max_length ({config.max_length}), "
                           f"got {config.max_prompt_length}")
-    if hasattr(config, "eval_fraction") and not 0 <= config.eval_fraction < 1:
+    if isinstance(config, TrainConfig) and not 0 <= config.eval_fraction < 1:
         raise ConfigError(f"key 'eval_fraction': must be in [0, 1), got {config.eval_fraction}")
-    if hasattr(config, "warmup_ratio") and not 0 <= config.warmup_ratio <= 1:
+    if isinstance(config, OptimizerConfig) and not 0 <= config.warmup_ratio <= 1:
         raise ConfigError(f"key 'warmup_ratio': must be in [0, 1], got {config.warmup_ratio}")
-    if hasattr(config, "num_epochs") and config.num_epochs <= 0 and getattr(config, "max_steps", 0) == 0:
+    if isinstance(config, TrainConfig) and config.num_epochs <= 0 and config.max_steps == 0:
         raise ConfigError("key 'num_epochs': must be > 0 when max_steps is 0")
-    if hasattr(config, "responses_per_prompt") and config.responses_per_prompt < 2:
+    if isinstance(config, AnnotateConfig) and config.responses_per_prompt < 2:
         raise ConfigError(f"key 'responses_per_prompt': must be >= 2, got {config.responses_per_prompt}")
-    if hasattr(config, "rollout_batch_size") and config.mini_batch_size < 1:
+    if isinstance(config, PPOConfig) and config.mini_batch_size < 1:
         raise ConfigError(f"key 'mini_batch_size': must be >= 1, got {config.mini_batch_size}")
-    if hasattr(config, "num_generations"):
+    if isinstance(config, GRPOConfig):
         _validate_group(config)
-    if hasattr(config, "rollout_batch_size"):
+    if isinstance(config, PPOConfig):
         if config.rollout_batch_size % config.mini_batch_size:
             raise ConfigError(f"key 'mini_batch_size': must divide rollout_batch_size ({config.rollout_batch_size}), "
                               f"got {config.mini_batch_size}")
@@ -210,7 +254,7 @@ def validate(config) -> None:
                               f"({config.mini_batch_size}), got {config.gradient_accumulation_steps}")
         if config.dual_clip is not None and config.dual_clip <= 1:
             raise ConfigError(f"key 'dual_clip': must be > 1, got {config.dual_clip}")
-    if hasattr(config, "temperature") and config.temperature <= 0:
+    if isinstance(config, SamplingConfig) and config.temperature <= 0:
         raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
 
 
@@ -231,24 +275,3 @@ def _validate_group(config) -> None:
         raise ConfigError(f"key 'clip_eps_high': must be >= 0, got {config.clip_eps_high}")
     if not 0 <= config.clip_eps <= 1:
         raise ConfigError(f"key 'clip_eps': must be in [0, 1], got {config.clip_eps}")
-
-
-def to_yaml(config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-
-
-def help_text(stage: str) -> str:
-    """Every field of a stage's config with its type, default and help, for `rlhfkit <stage> --help`."""
-    cls = STAGES[stage]
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        tp, optional = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = tp.__name__ + (" | null" if optional else "")
-        choices = f.metadata.get("choices")
-        if choices:
-            kind = "{" + ",".join(map(str, choices)) + "}"
-        rows.append(f"  --{f.name.replace('_', '-'):<28} {kind} (default: {default})\n"
-                    f"      {f.metadata.get('help', '')}")
-    return "\n".join(rows)

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.config import STAGES
+from rlhfkit.config import STAGES, PipelineSettings
 from rlhfkit.config_parsing import _yaml_mapping, coerce, preset_path, validate
 from rlhfkit.errors import ConfigError
 
 ALL_STAGES = ("sft", "annotate", "reward", "ppo", "dpo", "grpo", "rloo", "eval")
 ALGOS = ("ppo", "dpo", "grpo", "rloo")  # the fine-tuning stages: each yields a policy to evaluate
-TOP_LEVEL = {"output_dir": str, "model": str, "seed": int, "mixed_precision": str, "gold_scorer": str,
-             "kl_budget": float, "keep_checkpoints": bool, "stages": list, "algos": list}
+# The file's top-level keys: PipelineSettings' fields (scalars, also flags) and the list of stages.
+TOP_LEVEL = (*PipelineSettings.__dataclass_fields__, "stages")
 
 
 @dataclass
@@ -71,23 +71,13 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     path = Path(path)
     values, lines = _yaml_mapping(path)
     nested = _section_lines(path) if values else {}
-    for key, text in (overrides or {}).items():
-        kind = TOP_LEVEL.get(key)
-        if key == "algos" and isinstance(text, str):  # --algos ppo,dpo,grpo
-            values[key] = [a.strip() for a in text.split(",") if a.strip()]
-            continue
-        if kind is None or kind is list:
+    for key, value in (overrides or {}).items():  # flags (rlhfkit pipeline/demo --key value) win over the file
+        if key not in PipelineSettings.__dataclass_fields__ or key == "stages":
             raise ConfigError(f"--{key.replace('_', '-')}: not a pipeline setting (use the YAML file's sections)")
-        try:
-            if kind is bool and isinstance(text, str):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                values[key] = text.lower() == "true"
-            else:
-                values[key] = kind(text) if isinstance(text, str) and kind is not str else text
-        except ValueError:
-            raise ConfigError(f"--{key.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
-    pipe = Pipeline(output_dir=Path(values.get("output_dir") or "runs/pipeline"))
+        if key == "algos" and isinstance(value, str):  # --algos ppo,dpo,grpo
+            value = [a.strip() for a in value.split(",") if a.strip()]
+        values[key] = value
+    pipe = Pipeline(output_dir=Path(PipelineSettings.output_dir))
     algos: list[str] = []
     for key, value in values.items():
         where = f"{path}:{lines[key]}" if key in lines else str(path)
@@ -112,21 +102,13 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
                                   f"got {value!r}")
             algos = list(dict.fromkeys(value))
         elif key == "output_dir":
-            pipe.output_dir = Path(str(value))
-        else:
-            kind = TOP_LEVEL[key]
-            wrong_bool = isinstance(value, bool) != (kind is bool)  # YAML true/false only for a bool key
-            if wrong_bool or not isinstance(value, (kind, int) if kind is float else kind):
-                raise ConfigError(f"{where}: key '{key}': expected {kind.__name__}, got {value!r}")
-            setattr(pipe, key, kind(value))
+            pipe.output_dir = Path(coerce(PipelineSettings, key, value, where))
+        else:  # the same coercion as every stage's settings
+            setattr(pipe, key, coerce(PipelineSettings, key, value, where))
     if algos:  # the fine-tuning stages of `stages` give way to `algos`, in its order, before eval
         kept = [st for st in pipe.stages if st not in ALGOS]
         at = kept.index("eval") if "eval" in kept else len(kept)
         pipe.stages = kept[:at] + algos + kept[at:]
-    precisions = STAGES["sft"].__dataclass_fields__["mixed_precision"].metadata["choices"]
-    if pipe.mixed_precision not in precisions:
-        raise ConfigError(f"{path}: key 'mixed_precision': expected {' or '.join(precisions)}, "
-                          f"got {pipe.mixed_precision!r}")
     # Check every section now, before any stage runs: a typo in `eval` must not surface after an hour of PPO.
     for stage in pipe.stages:
         stage_config(pipe, stage, {})
@@ -169,9 +151,8 @@ def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = 
     return config
 
 
-def run_pipeline(pipe: Pipeline) -> Path:
-    from rlhfkit.cli import runner
-
+def run_pipeline(pipe: Pipeline, runner) -> Path:
+    """Run every stage of `pipe`; `runner(stage)` gives the function that runs a stage's config (the CLI's)."""
     out = pipe.output_dir
     policy0 = str(out / "sft") if "sft" in pipe.stages else pipe.model
     wiring = {
@@ -221,7 +202,7 @@ def run_pipeline(pipe: Pipeline) -> Path:
     from rlhfkit.eval.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    write_report(out, pipe.kl_budget, timings)
+    write_report(out, pipe.kl_budget, timings, order=("sft", *ALGOS))
     return out
 
 

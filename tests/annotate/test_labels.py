@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from rlhfkit.annotate.gold import load_gold_scorer, vader_scorer
+from rlhfkit.eval.gold import load_gold_scorer, vader_scorer
 from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.errors import UserError
 

@@ -2,7 +2,7 @@ import json
 
 from rlhfkit.annotate.stage import run_annotate
 from rlhfkit.data.loading import load_records
-from rlhfkit.trainers.checkpoint import seed_everything
+from rlhfkit.runtime.checkpoint import seed_everything
 
 from ..trainers.helpers import tiny_config, write_jsonl
 

@@ -96,3 +96,33 @@ def test_sft_annotate_reward_through_the_command(tmp_path):
     rows = [json.loads(line) for line in (rm / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and "eval/accuracy" in rows[-1]
     assert (rm / "model.safetensors").is_file() and (rm / "checkpoints" / "step-2").is_dir()
+
+
+def test_flags_files_and_pipelines_share_one_coercion(tmp_path):
+    """Flags go through transformers' HfArgumentParser over the config dataclasses, but every value, from a flag,
+    a stage's YAML file or a pipeline file, is converted and checked by the same function."""
+    from rlhfkit.config import PipelineSettings
+    from rlhfkit.config_parsing import build_config, parse_flags
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import load_pipeline
+
+    sources, flags = parse_flags(STAGES["ppo"], ["--value-clip", "null", "--adaptive-kl", "--whiten-advantages", "off",
+                                                 "--kl-coef=0.2", "--preset", "tiny"], "rlhfkit ppo")
+    assert flags == {"value_clip": None, "adaptive_kl": True, "whiten_advantages": False, "kl_coef": 0.2}
+    assert (sources.preset, sources.config) == ("tiny", None)
+    config_file = tmp_path / "ppo.yaml"
+    config_file.write_text("value_clip: null\nadaptive_kl: 'on'\nkl_coef: 0.3\n")
+    config = build_config("ppo", str(config_file), "tiny", flags)
+    assert config.value_clip is None and config.adaptive_kl and config.kl_coef == 0.2  # the flag wins over the file
+    pipeline = tmp_path / "pipe.yaml"
+    pipeline.write_text("model: tiny\nkeep_checkpoints: 'yes'\nstages: [sft]\n")
+    _, pipe_flags = parse_flags(PipelineSettings, ["--seed", "7", "--algos", "ppo,dpo"], "rlhfkit pipeline")
+    pipe = load_pipeline(pipeline, pipe_flags)
+    assert pipe.keep_checkpoints is True and pipe.seed == 7 and pipe.stages == ["sft", "ppo", "dpo"]
+    with pytest.raises(ConfigError, match=r"^--seed: key 'seed': expected int, got 'x'$"):
+        parse_flags(PipelineSettings, ["--seed", "x"], "rlhfkit pipeline")
+    pipeline.write_text("model: tiny\nkeep_checkpoints: maybe\n")
+    with pytest.raises(ConfigError, match=r"pipe.yaml:2: key 'keep_checkpoints': expected bool, got 'maybe'"):
+        load_pipeline(pipeline)
+    with pytest.raises(ConfigError, match=r"expected one argument"):
+        parse_flags(STAGES["sft"], ["--learning-rate"], "rlhfkit sft")

@@ -40,7 +40,7 @@ options = st.fixed_dictionaries(
     {
         "clip_eps": st.floats(0.05, 0.5),
         "clip_eps_high": st.one_of(st.none(), st.floats(0.0, 0.5)),
-        "kl_coef": st.sampled_from([0.0, 0.04, 0.5]),
+        "beta": st.sampled_from([0.0, 0.04, 0.5]),
         "aggregation": st.sampled_from(AGGREGATIONS),
         "max_tokens": st.integers(1, 8),
     }
@@ -57,7 +57,7 @@ def with_garbage(x, mask, seed):
 
 
 def loop_grpo(
-    logprobs, old, ref, advantages, mask, clip_eps, clip_eps_high, kl_coef, aggregation, max_tokens
+    logprobs, old, ref, advantages, mask, clip_eps, clip_eps_high, beta, aggregation, max_tokens
 ):
     high = clip_eps if clip_eps_high is None else clip_eps_high
     rows, kls = [], []
@@ -73,7 +73,7 @@ def loop_grpo(
             d = ref[i, t].item() - lp
             k3 = math.exp(d) - d - 1
             kls.append(k3)
-            row.append(surrogate + kl_coef * k3)
+            row.append(surrogate + beta * k3)
         rows.append(row)
     if aggregation == "token-mean":
         tokens = [v for row in rows for v in row]
@@ -90,7 +90,7 @@ def loop_grpo(
 
 # (a) Numbers worked by hand ----------------------------------------------------------------------------
 
-# One response of two tokens, advantage +1, old log-probs 0 (ratios 1.5 and 0.9), eps 0.2, kl_coef 0.1,
+# One response of two tokens, advantage +1, old log-probs 0 (ratios 1.5 and 0.9), eps 0.2, beta 0.1,
 # reference log-probs [ln 1.5, 0]:
 #   token 1: ratio 1.5 -> max(-1.5, -1.2) = -1.2 (clipped) ; ref - logp = 0 -> k3 = 0
 #   token 2: ratio 0.9 -> max(-0.9, -0.9) = -0.9 (inside the clip range) ;
@@ -108,7 +108,7 @@ K3 = 1 / 0.9 - math.log(1 / 0.9) - 1  # about 0.0057506
 
 def test_grpo_loss_by_hand():
     lp = LP.clone().requires_grad_(True)
-    loss, metrics = grpo_policy_loss(lp, OLD, REF, ADV, MASK, clip_eps=0.2, kl_coef=0.1)
+    loss, metrics = grpo_policy_loss(lp, OLD, REF, ADV, MASK, clip_eps=0.2, beta=0.1)
     assert K3 == pytest.approx(0.0057506, abs=1e-7)
     assert loss.item() == pytest.approx(-1.05 + 0.1 * K3 / 2)
     assert metrics["ppo/policy_loss"].item() == pytest.approx(-1.05)
@@ -125,12 +125,12 @@ def test_grpo_loss_aggregations_by_hand():
     # seq-mean-token-sum-norm: (-2.1 + 0.1 * K3) / 4 / 2 rows ; seq-mean-token-mean ignores the empty row
     lp, old, ref = (torch.cat([x, f64([[NAN, NAN]])]) for x in (LP, OLD, REF))
     adv, mask = f64([1.0, NAN]), torch.tensor([[True, True], [False, False]])
-    norm, _ = grpo_policy_loss(lp, old, ref, adv, mask, kl_coef=0.1, aggregation=NORM, max_tokens=4)
+    norm, _ = grpo_policy_loss(lp, old, ref, adv, mask, beta=0.1, aggregation=NORM, max_tokens=4)
     assert norm.item() == pytest.approx((-2.1 + 0.1 * K3) / 8)
-    mean, _ = grpo_policy_loss(lp, old, ref, adv, mask, kl_coef=0.1, aggregation="seq-mean-token-mean")
+    mean, _ = grpo_policy_loss(lp, old, ref, adv, mask, beta=0.1, aggregation="seq-mean-token-mean")
     assert mean.item() == pytest.approx(-1.05 + 0.1 * K3 / 2)
     # clip-higher 0.6 leaves ratio 1.5 unclipped: (-1.5 - 0.9) / 2
-    high, metrics = grpo_policy_loss(LP, OLD, None, ADV, MASK, kl_coef=0.0, clip_eps_high=0.6)
+    high, metrics = grpo_policy_loss(LP, OLD, None, ADV, MASK, beta=0.0, clip_eps_high=0.6)
     assert high.item() == pytest.approx(-1.2) and metrics["ppo/clipfrac"].item() == 0.0
 
 
@@ -151,22 +151,22 @@ def test_metrics_are_detached_scalars():
         assert value.dim() == 0 and not value.requires_grad
 
 
-def test_kl_coef_zero_skips_the_reference():
+def test_beta_zero_skips_the_reference():
     lp = LP.clone().requires_grad_(True)
-    without, metrics = grpo_policy_loss(lp, OLD, None, ADV, MASK, kl_coef=0.0)
+    without, metrics = grpo_policy_loss(lp, OLD, None, ADV, MASK, beta=0.0)
     assert "grpo/kl" not in metrics and without.item() == pytest.approx(-1.05)
-    # with a reference but kl_coef 0 the loss is the same; the KL is still reported
-    with_ref, metrics = grpo_policy_loss(lp, OLD, REF, ADV, MASK, kl_coef=0.0)
+    # with a reference but beta 0 the loss is the same; the KL is still reported
+    with_ref, metrics = grpo_policy_loss(lp, OLD, REF, ADV, MASK, beta=0.0)
     assert torch.equal(with_ref, without) and metrics["grpo/kl"].item() == pytest.approx(K3 / 2)
 
 
 def test_errors():
     with pytest.raises(ValueError, match="ref_logprobs"):
-        grpo_policy_loss(LP, OLD, None, ADV, MASK, kl_coef=0.04)
+        grpo_policy_loss(LP, OLD, None, ADV, MASK, beta=0.04)
     with pytest.raises(ValueError, match="ref_logprobs"):
         grpo_policy_loss(LP, OLD, REF[:, :1], ADV, MASK)
-    with pytest.raises(ValueError, match="kl_coef"):
-        grpo_policy_loss(LP, OLD, REF, ADV, MASK, kl_coef=-0.1)
+    with pytest.raises(ValueError, match="beta"):
+        grpo_policy_loss(LP, OLD, REF, ADV, MASK, beta=-0.1)
     with pytest.raises(ValueError, match="advantages"):
         grpo_policy_loss(LP, OLD, REF, f64([[1.0, 1.0]]), MASK)
     with pytest.raises(ValueError, match="advantages"):
@@ -197,7 +197,7 @@ def test_matches_loop(batch, opts):
 @given(batches(), options)
 def test_surrogate_is_ppo_with_broadcast_advantages(batch, opts):
     lp, old, ref, adv, mask = batch
-    loss, metrics = grpo_policy_loss(lp, old, ref, adv, mask, **{**opts, "kl_coef": 0.0})
+    loss, metrics = grpo_policy_loss(lp, old, ref, adv, mask, **{**opts, "beta": 0.0})
     ppo_loss, _ = ppo_policy_loss(
         lp,
         old,
@@ -240,9 +240,9 @@ def test_kl_gradient_vanishes_at_the_reference(batch, opts):
     # d k3 / d logp = 1 - exp(ref - logp) = 0 when ref == logp: the KL term adds nothing to the gradient.
     lp, old, _, adv, mask = batch
     grads = []
-    for kl_coef in [0.0, opts["kl_coef"] + 0.5]:
+    for beta in [0.0, opts["beta"] + 0.5]:
         leaf = lp.clone().requires_grad_(True)
-        loss, metrics = grpo_policy_loss(leaf, old, lp.clone(), adv, mask, **{**opts, "kl_coef": kl_coef})
+        loss, metrics = grpo_policy_loss(leaf, old, lp.clone(), adv, mask, **{**opts, "beta": beta})
         assert metrics["grpo/kl"].item() == 0.0
         loss.backward()
         grads.append(leaf.grad)
@@ -265,7 +265,7 @@ def test_on_policy_gradient_is_minus_advantage_times_logprob_gradient(batch, opt
         return torch.log_softmax(features @ weight, dim=-1).gather(-1, labels[..., None])[..., 0]
 
     loss, metrics = grpo_policy_loss(
-        logprobs(), logprobs().detach(), None, adv, mask, **{**opts, "kl_coef": 0.0}
+        logprobs(), logprobs().detach(), None, adv, mask, **{**opts, "beta": 0.0}
     )
     assert metrics["ppo/clipfrac"].item() == 0.0
     expected = aggregate_loss(-adv[:, None] * logprobs(), mask, opts["aggregation"], opts["max_tokens"])
@@ -296,3 +296,11 @@ def test_token_sum_norm_halves_average_to_full_batch(batch, opts):
     torch.testing.assert_close(
         torch.autograd.grad(accumulated, leaf)[0], torch.autograd.grad(full, leaf)[0], atol=1e-12, rtol=0
     )
+
+
+def test_the_normaliser_divides_both_the_surrogate_and_the_kl_term():
+    lp = LP.clone()
+    full, _ = grpo_policy_loss(lp, OLD, REF, ADV, MASK, beta=0.1)
+    units = MASK.bool().sum().item()
+    doubled, _ = grpo_policy_loss(lp, OLD, REF, ADV, MASK, beta=0.1, normaliser=2 * units)
+    assert doubled.item() == pytest.approx(full.item() / 2)

@@ -5,12 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhfkit.core.kl_controller import (
-    KL_CONTROLLERS,
-    AdaptiveKLController,
-    FixedKLController,
-    build_kl_controller,
-)
+from rlhfkit.core.kl_controller import KLController
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -31,7 +26,7 @@ def loop_adaptive(init, target, horizon, updates):
 
 
 def test_adaptive_sequence_by_hand():
-    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10_000)
+    ctl = KLController(kl_coef=0.1, target=6.0, horizon=10_000)
     # KL 9: error 9/6 - 1 = 0.5, clipped to 0.2 ; n/h = 0.1 -> x (1 + 0.02) -> 0.102
     ctl.update(9.0, 1000)
     assert ctl.value == pytest.approx(0.102)
@@ -52,69 +47,65 @@ def test_adaptive_sequence_by_hand():
 def test_error_is_clipped_at_plus_minus_02():
     # Any KL above 1.2 * target moves beta like 1.2 * target does; any below 0.8 * target like 0.8 * target.
     for kl in (7.2, 10.0, 1e6):
-        ctl = AdaptiveKLController(1.0, 6.0, 100)
+        ctl = KLController(1.0, 6.0, 100)
         ctl.update(kl, 10)  # x (1 + 0.2 * 0.1)
         assert ctl.value == pytest.approx(1.02)
     for kl in (4.8, 1.0, 0.0):
-        ctl = AdaptiveKLController(1.0, 6.0, 100)
+        ctl = KLController(1.0, 6.0, 100)
         ctl.update(kl, 10)  # x (1 - 0.2 * 0.1)
         assert ctl.value == pytest.approx(0.98)
 
 
 def test_tensor_kl_is_accepted():
-    ctl = AdaptiveKLController(0.1, 6.0, 10_000)
+    ctl = KLController(0.1, 6.0, 10_000)
     ctl.update(torch.tensor(9.0), 1000)
     assert isinstance(ctl.value, float) and ctl.value == pytest.approx(0.102)
 
 
 def test_fixed_never_moves():
-    ctl = FixedKLController(0.05)
+    ctl = KLController(0.05)
     for kl in (0.0, 100.0, 3.0):
         ctl.update(kl, 1000)
     assert ctl.value == 0.05
 
 
 def test_state_round_trip():
-    ctl = AdaptiveKLController(0.2, 4.0, 1000)
+    ctl = KLController(0.2, 4.0, 1000)
     for kl, n in [(9.0, 64), (1.0, 64), (4.4, 32)]:
         ctl.update(kl, n)
     state = ctl.state_dict()
     assert state == {"value": ctl.value} and all(type(v) is float for v in state.values())
-    resumed = AdaptiveKLController(0.2, 4.0, 1000)
+    resumed = KLController(0.2, 4.0, 1000)
     resumed.load_state_dict(state)
     for kl, n in [(7.0, 64), (2.0, 64)]:
         ctl.update(kl, n)
         resumed.update(kl, n)
     assert resumed.value == ctl.value  # bit-for-bit: same floats, same operations
 
-    fixed = FixedKLController(0.3)
-    other = FixedKLController(0.0)
+    fixed = KLController(0.3)
+    other = KLController(0.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.3 and type(fixed.state_dict()["value"]) is float
 
 
-def test_build_kl_controller():
-    fixed = build_kl_controller("fixed", 0.05, target=6.0, horizon=10_000)  # target/horizon ignored
-    assert isinstance(fixed, FixedKLController) and fixed.value == 0.05
-    adaptive = build_kl_controller("adaptive", 0.1, target=6.0, horizon=10_000)
-    assert isinstance(adaptive, AdaptiveKLController)
+def test_settings_are_kept_and_a_target_makes_it_adaptive():
+    fixed = KLController(0.05)
+    assert (fixed.value, fixed.target) == (0.05, None)
+    adaptive = KLController(0.1, target=6.0, horizon=10_000)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.1, 6.0, 10_000.0)
-    assert set(KL_CONTROLLERS) == {"fixed", "adaptive"}
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="unknown KL controller"):
-        build_kl_controller("pid", 0.1)
     with pytest.raises(ValueError, match="target"):
-        build_kl_controller("adaptive", 0.1, horizon=100)
-    with pytest.raises(ValueError):
-        AdaptiveKLController(0.1, target=0.0, horizon=100)
-    with pytest.raises(ValueError):
-        AdaptiveKLController(0.1, target=1.0, horizon=0)
-    with pytest.raises(ValueError):
-        FixedKLController(-0.1)
-    with pytest.raises(ValueError):
-        AdaptiveKLController(0.1, 1.0, 100).update(1.0, -1)
+        KLController(0.1, target=0.0, horizon=100)
+    with pytest.raises(ValueError, match="horizon"):
+        KLController(0.1, target=1.0, horizon=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        KLController(-0.1)
+    with pytest.raises(ValueError, match="n_steps"):
+        KLController(0.1, 1.0, 100).update(1.0, -1)
+    with pytest.raises(ValueError, match=">= 0"):
+        KLController(0.1).load_state_dict({"value": -1.0})
 
 
 # (b) Against the naive loop reference -------------------------------------------------------------------
@@ -123,7 +114,7 @@ def test_errors():
 @SETTINGS
 @given(st.floats(0, 1), st.floats(0.5, 20), st.floats(5000, 1e5), steps)
 def test_adaptive_matches_loop(init, target, horizon, updates):
-    ctl = AdaptiveKLController(init, target, horizon)
+    ctl = KLController(init, target, horizon)
     for kl, n in updates:
         ctl.update(kl, n)
     assert ctl.value == pytest.approx(loop_adaptive(init, target, horizon, updates), rel=1e-12, abs=1e-300)
@@ -137,7 +128,7 @@ def test_adaptive_matches_loop(init, target, horizon, updates):
 def test_beta_moves_towards_the_target(init, target, kl, n):
     # Too much KL -> stronger penalty; too little -> weaker; on target -> unchanged. Never below 0
     # (with n <= horizon the multiplier is at least 1 - 0.2).
-    ctl = AdaptiveKLController(init, target, horizon=10_000)
+    ctl = KLController(init, target, horizon=10_000)
     ctl.update(kl, n)
     if kl > target:
         assert ctl.value > init
@@ -150,13 +141,13 @@ def test_beta_moves_towards_the_target(init, target, kl, n):
 @given(st.floats(0, 1), steps, st.integers(0, 20))
 def test_resume_anywhere_gives_the_same_value(init, updates, cut):
     # Checkpoint after `cut` updates, resume in a fresh controller: the final value is identical.
-    straight = AdaptiveKLController(init, 6.0, 10_000)
+    straight = KLController(init, 6.0, 10_000)
     for kl, n in updates:
         straight.update(kl, n)
-    first = AdaptiveKLController(init, 6.0, 10_000)
+    first = KLController(init, 6.0, 10_000)
     for kl, n in updates[:cut]:
         first.update(kl, n)
-    resumed = AdaptiveKLController(123.0, 6.0, 10_000)
+    resumed = KLController(123.0, 6.0, 10_000)
     resumed.load_state_dict(first.state_dict())
     for kl, n in updates[cut:]:
         resumed.update(kl, n)

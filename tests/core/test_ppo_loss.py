@@ -12,6 +12,7 @@ from rlhfkit.core.ppo_loss import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
     explained_variance,
+    loss_units,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -228,6 +229,47 @@ def test_aggregations_by_hand():
         assert aggregate_loss(losses, torch.zeros_like(mask), name, max_tokens=4).item() == 0.0
 
 
+def test_loss_units_by_hand():
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert loss_units(mask, "token-mean").item() == 4.0  # real tokens
+    assert loss_units(mask, "seq-mean-token-sum").item() == 2.0  # responses with a real token
+    assert loss_units(mask, "seq-mean-token-mean").item() == 2.0
+    assert loss_units(mask, "seq-mean-token-sum-norm").item() == 3.0  # rows
+    with pytest.raises(ValueError, match="aggregation"):
+        loss_units(mask, "sum")
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_unequal_micro_batches_with_the_global_normaliser_add_up_to_the_whole_batch(name):
+    """Micro-batches of 1, 2 and 4 rows (one of them all padding), each divided by the units of the whole
+    mini-batch: their losses and gradients sum to those of one pass over the mini-batch. Divided by their own
+    units instead (a mean per micro-batch), they would not: token-mean would weigh the 1-row batch's tokens
+    more."""
+    gen = torch.Generator().manual_seed(0)
+    losses = torch.randn(7, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    mask = (torch.rand(7, 5, generator=gen) > 0.4).long()
+    mask[3] = 0  # an empty response inside the middle micro-batch
+    parts = [slice(0, 1), slice(1, 3), slice(3, 7)]
+    whole = aggregate_loss(losses, mask, name, max_tokens=5)
+    (whole_grad,) = torch.autograd.grad(whole, losses)
+    total = sum(loss_units(mask[p], name) for p in parts)
+    assert total == loss_units(mask, name)
+    summed = sum(aggregate_loss(losses[p], mask[p], name, max_tokens=5, normaliser=total) for p in parts)
+    (summed_grad,) = torch.autograd.grad(summed, losses)
+    torch.testing.assert_close(summed, whole)
+    torch.testing.assert_close(summed_grad, whole_grad)
+    means = sum(aggregate_loss(losses[p], mask[p], name, max_tokens=5) for p in parts) / len(parts)
+    assert not torch.isclose(means, whole)
+
+
+def test_policy_and_value_losses_pass_the_normaliser_on():
+    # 4 real tokens of ALL; dividing by 8 instead halves both losses
+    half, _ = ppo_policy_loss(LOGPROBS, ZEROS, ADV, ALL, normaliser=8.0)
+    assert half.item() == pytest.approx(ppo_policy_loss(LOGPROBS, ZEROS, ADV, ALL)[0].item() / 2)
+    v_half, _ = ppo_value_loss(ZEROS, ZEROS, ADV, ALL, normaliser=8.0)
+    assert v_half.item() == pytest.approx(ppo_value_loss(ZEROS, ZEROS, ADV, ALL)[0].item() / 2)
+
+
 def test_token_sum_norm_has_no_length_bias_by_hand():
     # One response of 1 token and one of 4, every token loss 1, max_tokens 4. The original GRPO mean
     # (seq-mean-token-mean) gives the short response's token weight 1/2 and each long one's 1/8; the
@@ -267,7 +309,7 @@ def test_value_loss_by_hand():
     # loss = 0.5 * (0.64 + 1) / 2 = 0.41 ; clipfrac 1/2 ; value mean 0.75 ; unclipped 0.5 * 1.25 / 2 = 0.3125
     values = f64([[1.5, 0.0]]).requires_grad_(True)
     old, returns, mask = f64([[1.0, 1.0]]), f64([[2.0, 1.0]]), torch.ones(1, 2)
-    loss, metrics = ppo_value_loss(values, old, returns, mask, clip_range_value=0.2)
+    loss, metrics = ppo_value_loss(values, old, returns, mask, value_clip=0.2)
     assert loss.item() == pytest.approx(0.41)
     assert metrics["ppo/value_clipfrac"].item() == pytest.approx(0.5)
     assert metrics["ppo/value_mean"].item() == pytest.approx(0.75)
@@ -275,7 +317,7 @@ def test_value_loss_by_hand():
     loss.backward()
     # clipped token: no gradient ; other: 0.5 * 2 * (0 - 1) / 2 = -0.5
     torch.testing.assert_close(values.grad, f64([[0.0, -0.5]]))
-    unclipped, metrics = ppo_value_loss(values, old, returns, mask, clip_range_value=None)
+    unclipped, metrics = ppo_value_loss(values, old, returns, mask, value_clip=None)
     assert unclipped.item() == pytest.approx(0.3125) and metrics["ppo/value_clipfrac"].item() == 0.0
 
 
@@ -286,7 +328,7 @@ def test_value_clipfrac_counts_no_token_inside_the_clip_range_in_float32():
     values = torch.tensor([[0.21]], dtype=torch.float32, requires_grad=True)
     old, returns, mask = torch.tensor([[0.04]]), torch.tensor([[1.84]]), torch.ones(1, 1)
     assert (old + (values - old).clamp(-0.5, 0.5)).item() != values.item()  # the rounding this guards against
-    loss, metrics = ppo_value_loss(values, old, returns, mask, clip_range_value=0.5)
+    loss, metrics = ppo_value_loss(values, old, returns, mask, value_clip=0.5)
     assert metrics["ppo/value_clipfrac"].item() == 0.0
     assert loss.item() == 0.5 * (values - returns).square().item()
     loss.backward()
@@ -296,7 +338,7 @@ def test_value_clipfrac_counts_no_token_inside_the_clip_range_in_float32():
     old = torch.randn(64, 32, generator=gen)
     values = old + (torch.rand(64, 32, generator=gen) - 0.5) * 0.9  # |V - V_old| < 0.45 < c
     returns = torch.randn(64, 32, generator=gen) * 3
-    _, metrics = ppo_value_loss(values, old, returns, torch.ones(64, 32), clip_range_value=0.5)
+    _, metrics = ppo_value_loss(values, old, returns, torch.ones(64, 32), value_clip=0.5)
     assert metrics["ppo/value_clipfrac"].item() == 0.0
 
 
@@ -340,7 +382,7 @@ def test_errors():
     with pytest.raises(ValueError):
         ppo_policy_loss(LOGPROBS, ZEROS[:, :2], ADV, ALL)
     with pytest.raises(ValueError):
-        ppo_value_loss(ZEROS, ZEROS, ZEROS, ALL, clip_range_value=-1.0)
+        ppo_value_loss(ZEROS, ZEROS, ZEROS, ALL, value_clip=-1.0)
     with pytest.raises(ValueError):
         explained_variance(ZEROS, ZEROS[:, :1], ALL)
 

@@ -34,13 +34,13 @@ options = st.fixed_dictionaries(
     {
         "kl_coef": st.floats(0, 1),
         "missing_eos_penalty": st.one_of(st.none(), st.floats(0, 5)),
-        "score_clip": st.one_of(st.none(), st.floats(0.1, 5)),
-        "score_scale": st.floats(-2, 2),
+        "reward_clip": st.one_of(st.none(), st.floats(0.1, 5)),
+        "reward_scale": st.floats(-2, 2),
     }
 )
 
 
-def loop_shape(scores, kl, mask, ended, kl_coef, missing_eos_penalty, score_clip, score_scale):
+def loop_shape(scores, kl, mask, ended, kl_coef, missing_eos_penalty, reward_clip, reward_scale):
     b, t = kl.shape
     rewards = [[0.0] * t for _ in range(b)]
     kl_sums, non_score_sums, totals = [], [], []
@@ -48,9 +48,9 @@ def loop_shape(scores, kl, mask, ended, kl_coef, missing_eos_penalty, score_clip
         score = scores[i].item()
         if missing_eos_penalty is not None and not ended[i]:
             score -= missing_eos_penalty
-        score *= score_scale
-        if score_clip is not None:
-            score = min(max(score, -score_clip), score_clip)
+        score *= reward_scale
+        if reward_clip is not None:
+            score = min(max(score, -reward_clip), reward_clip)
         last = max((j for j in range(t) if mask[i, j]), default=None)
         kl_sum = non_score_sum = 0.0
         for j in range(t):
@@ -110,13 +110,13 @@ def test_missing_eos_penalty_then_scale_then_clip():
     assert metrics["objective/scores"].item() == pytest.approx(2.0)  # raw, before the penalty
     # then scale 2 -> [2, 2, 4], then clip 3 -> [2, 2, 3]
     rewards, _ = shape_rewards(
-        SCORES, zero_kl, MASK, 0.1, ended=ended, missing_eos_penalty=1.0, score_scale=2.0, score_clip=3.0
+        SCORES, zero_kl, MASK, 0.1, ended=ended, missing_eos_penalty=1.0, reward_scale=2.0, reward_clip=3.0
     )
     torch.testing.assert_close(
         rewards[[0, 1, 2], [2, 1, 0]], torch.tensor([2.0, 2.0, 3.0], dtype=torch.float64)
     )
     # clipping is symmetric: -10 * 1 -> clipped to -3
-    rewards, _ = shape_rewards(-10 * SCORES[:1], zero_kl[:1], MASK[:1], 0.1, score_clip=3.0)
+    rewards, _ = shape_rewards(-10 * SCORES[:1], zero_kl[:1], MASK[:1], 0.1, reward_clip=3.0)
     assert rewards[0, 2].item() == -3.0
 
 
@@ -158,7 +158,7 @@ def test_errors():
     with pytest.raises(ValueError):
         shape_rewards(SCORES, KL, MASK, 0.1, ended=torch.tensor([True]), missing_eos_penalty=1.0)
     with pytest.raises(ValueError):
-        shape_rewards(SCORES, KL, MASK, 0.1, score_clip=0.0)
+        shape_rewards(SCORES, KL, MASK, 0.1, reward_clip=0.0)
 
 
 # (b) Against the naive loop reference -------------------------------------------------------------------

@@ -1,6 +1,9 @@
 import json
 
 from rlhfkit.eval.report import build_summary, intervals_apart, write_report
+from rlhfkit.pipeline import ALGOS
+
+ORDER = ("sft", *ALGOS)  # the pipeline's order: the starting policy, then the fine-tuning methods
 
 
 def fake_eval(folder, gold, gold_ci, kl):
@@ -23,13 +26,13 @@ def test_summary_checks_and_report_page(tmp_path):
     (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "objective/scores": s * 0.1, "objective/kl": s * 0.2, "ppo/clipfrac": 0.1}) + "\n"
         for s in range(1, 6)))
-    summary = build_summary(tmp_path, kl_budget=5.0, timings={"sft": 10.0, "ppo": 50.0})
+    summary = build_summary(tmp_path, kl_budget=5.0, timings={"sft": 10.0, "ppo": 50.0}, order=ORDER)
     assert list(summary["policies"]) == ["sft", "ppo", "dpo", "best-of-n"]  # SFT, the recipe's order, the rest
     assert summary["checks"] == {"ppo_gold_above_sft": True, "ppo_kl_within_budget": False,
                                  "dpo_gold_above_sft": False, "dpo_kl_within_budget": True,
                                  "best-of-n_gold_above_sft": True, "best-of-n_kl_within_budget": True}
     assert summary["total_s"] == 60.0
-    page = write_report(tmp_path, 5.0, {"sft": 10.0, "ppo": 50.0}).read_text()
+    page = write_report(tmp_path, 5.0, {"sft": 10.0, "ppo": 50.0}, ORDER).read_text()
     assert page.count("data:image/png;base64,") == 2  # gold-vs-KL plane and the PPO curves
     assert "0.500 <span class=ci>[0.420, 0.580]</span>" in page
     assert page.index("<th>sft</th>") < page.index("<th>ppo</th>") < page.index("<th>dpo</th>")

@@ -19,7 +19,7 @@ def test_embedded_folder_is_a_plain_safetensors_hf_folder():
 
 
 def test_embedded_chat_reply_and_scores(tokenizer):
-    from rlhfkit.annotate.gold import vader_scorer
+    from rlhfkit.eval.gold import vader_scorer
     from rlhfkit.data.tokenize import tokenize_prompt
     from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.models.reward_model import load_reward_model, score_sequences

@@ -35,9 +35,9 @@ def positional(prompts, responses):
 def _aligned_token_ids() -> frozenset:
     from safetensors.torch import load_file
 
-    from rlhfkit.models.tiny import ensure_tiny
+    from rlhfkit.models.loading import resolve_model_path
 
-    weights = load_file(ensure_tiny() / "model.safetensors")
+    weights = load_file(resolve_model_path("tiny") / "model.safetensors")
     embeddings = weights["model.embed_tokens.weight"]
     return frozenset((embeddings[:, 0] > 0).nonzero().flatten().tolist())
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.cli import main
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.dpo import run_dpo
 
 from .helpers import keyword_pairs, tiny_config, write_jsonl

@@ -27,7 +27,7 @@ def checkpointed(monkeypatch):
             models.append(model)
         return model
 
-    for module in ("dpo", "ppo_setup"):
+    for module in ("dpo", "ppo_models"):
         monkeypatch.setattr(f"rlhfkit.trainers.{module}.set_gradient_checkpointing", recording)
     return models
 

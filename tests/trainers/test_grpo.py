@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import rlhfkit.trainers.grpo as grpo_module
-import rlhfkit.trainers.grpo_setup as grpo_setup
+import rlhfkit.trainers.grpo_models as grpo_models
 import rlhfkit.trainers.rl_models as rl_models
 from rlhfkit.cli import main
 from rlhfkit.config import ADVANTAGES, LOSS_AGGREGATIONS
@@ -18,7 +18,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_model_path
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.trainers.grpo import run_grpo, run_rloo
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 
 from .helpers import tiny_config, write_jsonl
 from .test_resume import Crash, comparable, crash_after_logging
@@ -105,8 +105,8 @@ def test_grpo_writes_policy_metrics_samples_and_checkpoints(tmp_path, prompts):
 
 def test_beta_zero_loads_no_reference_and_beta_logs_a_growing_kl(tmp_path, monkeypatch, prompts):
     loaded = []
-    real = grpo_setup.load_causal_lm
-    for module in (grpo_setup, rl_models):  # the policy loads in grpo_setup, the reference in rl_models
+    real = grpo_models.load_causal_lm
+    for module in (grpo_models, rl_models):  # the policy loads in grpo_models, the reference in rl_models
         monkeypatch.setattr(module, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
     models = []
     real_models = grpo_module.load_group_models

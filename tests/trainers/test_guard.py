@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import rlhfkit.trainers.sft as sft
 from rlhfkit.errors import UserError
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.sft import run_sft
 
 from .helpers import tiny_config, write_jsonl

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.ppo import run_ppo
 
 from .helpers import save_random_reward_model, tiny_config, write_jsonl
@@ -136,7 +136,7 @@ def test_old_logprobs_from_sampling_match_scoring_in_fp32(tmp_path, reward_folde
 def test_ppo_sigterm_writes_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, reward_folder, prompts):
     import signal
 
-    from rlhfkit.trainers.interrupt import TrainingStopped
+    from rlhfkit.runtime.interrupt import TrainingStopped
 
     from .test_resume import signal_after_logging
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.trainers import loop
-from rlhfkit.trainers.metrics_log import MetricsLog, read_metrics
+from rlhfkit.runtime.metrics_log import MetricsLog, read_metrics
 from rlhfkit.trainers.dpo import run_dpo
 from rlhfkit.trainers.reward import run_reward
 from rlhfkit.trainers.sft import run_sft
@@ -26,7 +25,7 @@ def crash_after_logging(monkeypatch, step):
         if row["step"] == step:
             raise Crash(step)
 
-    monkeypatch.setattr(loop.MetricsLog, "write", write)
+    monkeypatch.setattr(MetricsLog, "write", write)
 
 
 def comparable(rows):
@@ -145,7 +144,7 @@ def signal_after_logging(monkeypatch, step, signum):
         if row["step"] == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(loop.MetricsLog, "write", write)
+    monkeypatch.setattr(MetricsLog, "write", write)
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])

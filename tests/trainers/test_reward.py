@@ -2,7 +2,7 @@ import json
 
 from transformers import AutoModelForSequenceClassification
 
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.reward import run_reward
 
 from .helpers import keyword_pairs, tiny_config, write_jsonl

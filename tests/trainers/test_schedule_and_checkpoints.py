@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rlhfkit.trainers.checkpoint import list_checkpoints, save_checkpoint
-from rlhfkit.trainers.loop import BatchOrder
+from rlhfkit.runtime.checkpoint import list_checkpoints, save_checkpoint
+from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import lr_factor, param_groups
 
 

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.models.loading import resolve_model_path
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.sft import run_sft
 
 from .helpers import tiny_config, write_jsonl

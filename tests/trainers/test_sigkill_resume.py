@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.trainers.checkpoint import checkpoint_problem, list_checkpoints
-from rlhfkit.trainers.metrics_log import MetricsLog, read_metrics
+from rlhfkit.runtime.checkpoint import checkpoint_problem, list_checkpoints
+from rlhfkit.runtime.metrics_log import MetricsLog, read_metrics
 
 from .helpers import keyword_pairs, save_random_reward_model, write_jsonl
 
@@ -411,7 +411,7 @@ def test_pruning_renames_a_checkpoint_away_before_deleting_it(tmp_path, monkeypa
     resume clears what is left of it."""
     import shutil
 
-    from rlhfkit.trainers import checkpoint
+    from rlhfkit.runtime import checkpoint
 
     class Killed(Exception):
         pass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.annotate.gold import load_gold_scorer
+from rlhfkit.eval.gold import load_gold_scorer
 from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.config import AnnotateConfig
 from rlhfkit.data.text import prompt_text
@@ -19,9 +19,9 @@ from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.trainers.checkpoint import seed_everything
-from rlhfkit.trainers.output_dir import prepare_output_dir
-from rlhfkit.trainers.stage_data import prompt_records
+from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.runtime.output_dir import prepare_output_dir
+from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.runtime.precision import resolve_precision
 
 

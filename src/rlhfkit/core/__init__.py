@@ -10,19 +10,14 @@ from .gae import gae_advantages, whiten_advantages
 from .group_advantages import GROUP_ADVANTAGES, grpo_advantages, rloo_advantages
 from .grpo_loss import grpo_policy_loss
 from .kl import KL_ESTIMATORS, kl_penalty
-from .kl_controller import (
-    KL_CONTROLLERS,
-    AdaptiveKLController,
-    FixedKLController,
-    KLController,
-    build_kl_controller,
-)
+from .kl_controller import KLController
 from .logprobs import entropy_from_logits, logprobs_from_logits, shift_for_causal_lm
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .ppo_loss import (
     LOSS_AGGREGATIONS,
     aggregate_loss,
     explained_variance,
+    loss_units,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -32,15 +27,11 @@ from .sft_loss import completion_nll_loss
 __all__ = [
     "DPO_LOSSES",
     "GROUP_ADVANTAGES",
-    "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
-    "AdaptiveKLController",
-    "FixedKLController",
     "KLController",
     "aggregate_loss",
     "bradley_terry_loss",
-    "build_kl_controller",
     "completion_nll_loss",
     "dpo_loss",
     "entropy_from_logits",
@@ -51,6 +42,7 @@ __all__ = [
     "implicit_rewards",
     "kl_penalty",
     "logprobs_from_logits",
+    "loss_units",
     "masked_mean",
     "masked_sum",
     "masked_var",

@@ -40,38 +40,41 @@ def grpo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
-    kl_coef: float = 0.04,
+    beta: float = 0.04,
     aggregation: str = "token-mean",
     max_tokens: int | None = None,
     clip_eps_high: float | None = None,
+    normaliser: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO loss: clipped surrogate with sequence advantages plus ``kl_coef`` times the k3 KL to the ref.
+    """GRPO loss: clipped surrogate with sequence advantages plus ``beta`` times the k3 KL to the ref.
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (with grad).
         old_logprobs: ``(B, T)`` log-probs of the same tokens under the rollout policy (no grad). With one
             update per rollout they equal ``logprobs.detach()``, and the ratio is 1.
         ref_logprobs: ``(B, T)`` log-probs of the same tokens under the reference model (no grad); may be
-            ``None`` when ``kl_coef == 0``.
+            ``None`` when ``beta == 0``.
         advantages: ``(B,)`` one advantage per response, e.g. from
             :data:`rlhfkit.core.group_advantages.GROUP_ADVANTAGES`; broadcast over the response's tokens.
         mask: ``(B, T)`` bool or numeric, nonzero on real response tokens. The log-prob tensors may hold
             NaN/inf elsewhere (and ``advantages`` may be NaN for a row without real tokens), which changes
             neither the loss nor the gradient.
         clip_eps: the ratio is clipped to ``[1 - clip_eps, 1 + clip_eps_high]``.
-        kl_coef: ``beta >= 0``; 0 skips the KL term (and needs no ``ref_logprobs``).
+        beta: the KL coefficient, ``>= 0``; 0 skips the KL term (and needs no ``ref_logprobs``).
         aggregation: a key of :data:`rlhfkit.core.ppo_loss.LOSS_AGGREGATIONS`, applied to the surrogate and
             the KL term alike.
         max_tokens: the generation length limit; required by ``"seq-mean-token-sum-norm"``, ignored by
             the other aggregations.
         clip_eps_high: upper clip bound (DAPO's clip-higher); ``None`` means ``clip_eps``.
+        normaliser: units to divide both terms by (see :func:`rlhfkit.core.ppo_loss.aggregate_loss`);
+            default this batch's own.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor. ``metrics`` holds detached 0-dim tensors: those of
         :func:`rlhfkit.core.ppo_loss.ppo_policy_loss` (``ppo/clipfrac``, ``ppo/dual_clipfrac``, always 0
         here, ``ppo/approx_kl``, the k3 KL to the *rollout* policy, ``ppo/ratio_mean`` and
         ``ppo/policy_loss``, the surrogate alone), ``grpo/kl`` (the mean k3 to the *reference* over real
-        tokens; reported whenever ``ref_logprobs`` is given, even with ``kl_coef == 0``, and absent when
+        tokens; reported whenever ``ref_logprobs`` is given, even with ``beta == 0``, and absent when
         it is ``None``) and ``grpo/loss`` (the returned loss, surrogate plus KL term).
 
     As in :func:`rlhfkit.core.kl.kl_penalty`, the log ratio of the k3 term is clamped to ``[-20, 20]``
@@ -84,10 +87,10 @@ def grpo_policy_loss(
             f"advantages must be (B,) with one entry per response of logprobs {tuple(logprobs.shape)}, got "
             f"{tuple(advantages.shape)}"
         )
-    if not kl_coef >= 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if ref_logprobs is None and kl_coef != 0:
-        raise ValueError(f"ref_logprobs is required when kl_coef != 0 (got kl_coef={kl_coef})")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if ref_logprobs is None and beta != 0:
+        raise ValueError(f"ref_logprobs is required when beta != 0 (got beta={beta})")
     if ref_logprobs is not None and ref_logprobs.shape != logprobs.shape:
         raise ValueError(
             f"ref_logprobs {tuple(ref_logprobs.shape)} and logprobs {tuple(logprobs.shape)} shapes differ"
@@ -102,6 +105,7 @@ def grpo_policy_loss(
         clip_eps_high=clip_eps_high,
         aggregation=aggregation,
         max_tokens=max_tokens,
+        normaliser=normaliser,
     )
     loss = surrogate
     if ref_logprobs is not None:
@@ -110,11 +114,11 @@ def grpo_policy_loss(
             (), dtype=torch.promote_types(logprobs.dtype, ref_logprobs.dtype), device=keep.device
         )
         # Clean before the exp: garbage on padding must reach neither the forward nor the backward pass.
-        # With kl_coef == 0 the k3 is only a metric and needs no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and kl_coef != 0):
+        # With beta == 0 the k3 is only a metric and needs no graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
             k3 = kl_penalty(torch.where(keep, logprobs, zero), torch.where(keep, ref_logprobs, zero), "k3")
-        if kl_coef != 0:
-            loss = surrogate + kl_coef * aggregate_loss(k3, keep, aggregation, max_tokens)
+        if beta != 0:
+            loss = surrogate + beta * aggregate_loss(k3, keep, aggregation, max_tokens, normaliser)
         metrics["grpo/kl"] = masked_mean(k3.detach(), keep)
     metrics["grpo/loss"] = loss.detach()
     return loss, metrics

@@ -41,6 +41,7 @@ from .masked import masked_mean, masked_sum, masked_var
 __all__ = [
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
+    "loss_units",
     "explained_variance",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -54,8 +55,9 @@ _MAX_LOG_RATIO = 20.0
 
 # Loss aggregation ---------------------------------------------------------------------------------------
 #
-# Each takes per-token losses ``(B, T)``, a bool ``keep`` ``(B, T)`` and ``max_tokens`` (used only by
-# seq-mean-token-sum-norm, which needs the constant) and returns a 0-dim loss. They differ in how much
+# Each takes per-token losses ``(B, T)``, a bool ``keep`` ``(B, T)``, ``max_tokens`` (used only by
+# seq-mean-token-sum-norm, which needs the constant) and the ``normaliser`` (the number of units the loss
+# averages over: see :func:`loss_units`) and returns a 0-dim loss: a sum over units divided by the normaliser. They differ in how much
 # weight a token gets: token-mean weights every real token of the batch equally (long responses count
 # more; DAPO's choice); seq-mean-token-mean weights every response equally, so a token of a short response
 # counts more (the original GRPO); seq-mean-token-sum weights every response by its length, summing rather
@@ -66,24 +68,20 @@ _MAX_LOG_RATIO = 20.0
 # token weight 1 / (B * max_tokens) is a constant of the batch shape and does not move with the masks.
 
 
-def _token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    return masked_mean(losses, keep)
+def _token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None, normaliser) -> torch.Tensor:
+    return masked_sum(losses, keep) / normaliser
 
 
-def _nonempty_row_mean(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return masked_mean(per_row, keep.any(dim=1))
+def _seq_mean_token_sum(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None, normaliser) -> torch.Tensor:
+    return masked_sum(masked_sum(losses, keep, dim=1), keep.any(dim=1)) / normaliser
 
 
-def _seq_mean_token_sum(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    return _nonempty_row_mean(masked_sum(losses, keep, dim=1), keep)
-
-
-def _seq_mean_token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
-    return _nonempty_row_mean(masked_mean(losses, keep, dim=1), keep)
+def _seq_mean_token_mean(losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None, normaliser) -> torch.Tensor:
+    return masked_sum(masked_mean(losses, keep, dim=1), keep.any(dim=1)) / normaliser
 
 
 def _seq_mean_token_sum_norm(
-    losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None
+    losses: torch.Tensor, keep: torch.Tensor, max_tokens: int | None, normaliser
 ) -> torch.Tensor:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(
@@ -91,10 +89,10 @@ def _seq_mean_token_sum_norm(
             f"int >= 1; got {max_tokens!r}"
         )
     # mean_i (sum_t l_it / max_tokens) = (sum of all real tokens) / (B * max_tokens); 0 for an empty batch.
-    return masked_sum(losses, keep) / (max(losses.shape[0], 1) * max_tokens)
+    return masked_sum(losses, keep) / (normaliser * max_tokens)
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
+LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
     "seq-mean-token-mean": _seq_mean_token_mean,
@@ -102,11 +100,33 @@ LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], 
 }
 
 
+def loss_units(mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+    """How many units ``aggregation`` averages over in a ``(B, T)`` batch (a 0-dim float tensor): its real
+    tokens (``"token-mean"``), its responses with at least one real token (``"seq-mean-token-sum"``,
+    ``"seq-mean-token-mean"``) or its rows (``"seq-mean-token-sum-norm"``).
+
+    Sum it over the micro-batches of an optimizer step (and, with several processes, all-reduce the sum) and
+    pass the total to :func:`aggregate_loss` as ``normaliser``: the micro-batches' losses then add up to the
+    loss of the whole step, divided once by the right total (verl's ``agg_loss`` with a global token count).
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    if aggregation == "token-mean":
+        count = keep.sum()
+    elif aggregation == "seq-mean-token-sum-norm":
+        count = torch.tensor(keep.shape[0], device=keep.device)
+    else:
+        count = keep.any(dim=1).sum()
+    return count.to(torch.get_default_dtype())
+
+
 def aggregate_loss(
     losses: torch.Tensor,
     mask: torch.Tensor,
     aggregation: str = "token-mean",
     max_tokens: int | None = None,
+    normaliser: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce per-token losses ``(B, T)`` over the real tokens (``mask`` nonzero) to a 0-dim loss.
 
@@ -120,13 +140,21 @@ def aggregate_loss(
     ``"seq-mean-token-sum-norm"`` (ValueError without it) and ignored by the other modes. It should be the
     same constant for every batch of a run, not the padded width ``T`` of one batch, or the token weights
     vary again; a response longer than ``max_tokens`` is not an error, it just weighs more than 1 / B.
+
+    ``normaliser`` is the number of units to divide by: by default this batch's own
+    (:func:`loss_units`), so the result is the batch's mean; with gradient accumulation, the total over the
+    micro-batches of the step, so that their losses add up to the step's. Below 1 it counts as 1 (an empty
+    batch has loss 0).
     """
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
     if losses.dim() != 2 or losses.shape != mask.shape:
         raise ValueError(f"losses {tuple(losses.shape)} and mask {tuple(mask.shape)} must be the same (B, T)")
     keep = mask if mask.dtype == torch.bool else mask != 0
-    return LOSS_AGGREGATIONS[aggregation](losses, keep, max_tokens)
+    if normaliser is None:
+        normaliser = loss_units(keep, aggregation)
+    normaliser = torch.as_tensor(normaliser, dtype=losses.dtype, device=losses.device).clamp(min=1)
+    return LOSS_AGGREGATIONS[aggregation](losses, keep, max_tokens, normaliser)
 
 
 # Losses -------------------------------------------------------------------------------------------------
@@ -155,6 +183,7 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
     max_tokens: int | None = None,
+    normaliser: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate loss (optionally clip-higher and dual-clip).
 
@@ -171,6 +200,7 @@ def ppo_policy_loss(
         aggregation: a key of :data:`LOSS_AGGREGATIONS`.
         max_tokens: the generation length limit; required by ``"seq-mean-token-sum-norm"``, ignored by
             the other aggregations (see :func:`aggregate_loss`).
+        normaliser: units to divide by (see :func:`aggregate_loss`); default this batch's own.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor. ``metrics`` holds detached 0-dim tensors, each a
@@ -208,7 +238,7 @@ def ppo_policy_loss(
         dual_bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (dual_bound < token_losses)
         token_losses = torch.where(dual_active, dual_bound, token_losses)
-    loss = aggregate_loss(token_losses, keep, aggregation, max_tokens)
+    loss = aggregate_loss(token_losses, keep, aggregation, max_tokens, normaliser)
 
     with torch.no_grad():
         metrics = {
@@ -226,9 +256,10 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    clip_range_value: float | None = 0.2,
+    value_clip: float | None = 0.2,
     aggregation: str = "token-mean",
     max_tokens: int | None = None,
+    normaliser: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss of PPO2 (OpenAI baselines), as in TRL and OpenRLHF.
 
@@ -241,10 +272,11 @@ def ppo_value_loss(
         old_values: ``(B, T)`` value predictions at rollout time (no grad).
         returns: ``(B, T)`` value targets, e.g. from :func:`rlhfkit.core.gae.gae_advantages`.
         mask: ``(B, T)`` bool or numeric, nonzero on real response tokens; NaN/inf elsewhere is ignored.
-        clip_range_value: ``c >= 0``; ``None`` disables clipping (plain ``0.5 * MSE``).
+        value_clip: ``c >= 0``; ``None`` disables clipping (plain ``0.5 * MSE``).
         aggregation: a key of :data:`LOSS_AGGREGATIONS` (``"token-mean"`` is the formula above).
         max_tokens: the generation length limit; required by ``"seq-mean-token-sum-norm"``, ignored by
             the other aggregations (see :func:`aggregate_loss`).
+        normaliser: units to divide by (see :func:`aggregate_loss`); default this batch's own.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim tensor; ``metrics`` holds detached 0-dim tensors
@@ -252,24 +284,24 @@ def ppo_value_loss(
         ``loss/value`` (the loss) and ``ppo/value_mean`` (mean of ``values`` over real tokens).
     """
     _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    if clip_range_value is not None and not clip_range_value >= 0:
-        raise ValueError(f"clip_range_value must be >= 0 or None, got {clip_range_value}")
+    if value_clip is not None and not value_clip >= 0:
+        raise ValueError(f"value_clip must be >= 0 or None, got {value_clip}")
     keep = mask if mask.dtype == torch.bool else mask != 0
     dtype = torch.promote_types(torch.promote_types(values.dtype, old_values.dtype), returns.dtype)
     clean = _cleaner(keep, dtype)
     values, old_values, returns = clean(values), clean(old_values), clean(returns)
 
     vf_unclipped = (values - returns).square()
-    if clip_range_value is None:
+    if value_clip is None:
         token_losses, clipped = vf_unclipped, torch.zeros_like(keep)
     else:
         # clamp(V, V_old - c, V_old + c), not V_old + clamp(V - V_old, -c, c): the two are equal in exact
         # arithmetic, but the second rounds V - V_old and adds it back, so an unclipped V can come back one ulp
         # off and the strict `>` below would count it as clipped (e.g. fp32 V 0.21, V_old 0.04, R 1.84, c 0.5).
-        values_clipped = values.clamp(old_values - clip_range_value, old_values + clip_range_value)
+        values_clipped = values.clamp(old_values - value_clip, old_values + value_clip)
         vf_clipped = (values_clipped - returns).square()
         token_losses, clipped = torch.maximum(vf_unclipped, vf_clipped), vf_clipped > vf_unclipped
-    loss = 0.5 * aggregate_loss(token_losses, keep, aggregation, max_tokens)
+    loss = 0.5 * aggregate_loss(token_losses, keep, aggregation, max_tokens, normaliser)
 
     with torch.no_grad():
         metrics = {

@@ -29,17 +29,17 @@ def _process_scores(
     scores: torch.Tensor,
     ended: torch.Tensor | None,
     missing_eos_penalty: float | None,
-    score_clip: float | None,
-    score_scale: float,
+    reward_clip: float | None,
+    reward_scale: float,
 ) -> torch.Tensor:
     """Penalise rows without EOS, then scale, then clip (the order is part of the contract)."""
     if missing_eos_penalty is not None:
         # TRL's missing_eos_penalty: a truncated response is not a finished answer, so its score is
         # lowered rather than trusted (reward models often score half-sentences well).
         scores = torch.where(ended, scores, scores - missing_eos_penalty)
-    scores = scores * score_scale
-    if score_clip is not None:
-        scores = scores.clamp(-score_clip, score_clip)
+    scores = scores * reward_scale
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
     return scores
 
 
@@ -50,8 +50,8 @@ def shape_rewards(
     kl_coef: float | torch.Tensor,
     ended: torch.Tensor | None = None,
     missing_eos_penalty: float | None = None,
-    score_clip: float | None = None,
-    score_scale: float = 1.0,
+    reward_clip: float | None = None,
+    reward_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dense per-token rewards ``-kl_coef * kl`` plus each row's processed score on its last real token.
 
@@ -67,9 +67,9 @@ def shape_rewards(
             Required when ``missing_eos_penalty`` is given.
         missing_eos_penalty: subtracted from the score of every row with ``ended == False`` (as TRL's
             ``missing_eos_penalty``). ``None`` disables it.
-        score_clip: after the penalty and the scale, scores are clamped to ``[-score_clip, score_clip]``
+        reward_clip: after the penalty and the scale, scores are clamped to ``[-reward_clip, reward_clip]``
             (OpenRLHF's ``reward_clip_range``); ``None`` disables it.
-        score_scale: multiplies the (penalised) score.
+        reward_scale: multiplies the (penalised) score.
 
     Returns:
         ``(rewards, metrics)``: ``rewards`` is ``(B, T)``, exactly 0 where ``mask`` is 0. ``metrics``
@@ -90,15 +90,15 @@ def shape_rewards(
         if ended.shape != scores.shape:
             raise ValueError(f"ended shape {tuple(ended.shape)} must equal scores' {tuple(scores.shape)}")
         ended = ended if ended.dtype == torch.bool else ended != 0
-    if score_clip is not None and not score_clip > 0:
-        raise ValueError(f"score_clip must be > 0 or None, got {score_clip}")
+    if reward_clip is not None and not reward_clip > 0:
+        raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip}")
 
     keep = mask if mask.dtype == torch.bool else mask != 0
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     # where, not multiply: kl after the end may be NaN and 0 * NaN is NaN.
     non_score = torch.where(keep, -kl_coef * torch.where(keep, kl, zero), zero)
 
-    processed = _process_scores(scores, ended, missing_eos_penalty, score_clip, score_scale)
+    processed = _process_scores(scores, ended, missing_eos_penalty, reward_clip, reward_scale)
     positions = torch.arange(kl.shape[1], device=kl.device)
     # last_token_index maps an empty row to 0, where keep is False: such a row gets no score.
     is_last = keep & (positions == last_token_index(keep).unsqueeze(1))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.annotate.gold import load_gold_scorer
+from rlhfkit.eval.gold import load_gold_scorer
 from rlhfkit.config import EvalConfig
 from rlhfkit.core.stats import mean_ci95, win_rate
 from rlhfkit.data.text import prompt_text
@@ -30,9 +30,9 @@ from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
-from rlhfkit.trainers.checkpoint import seed_everything
-from rlhfkit.trainers.output_dir import prepare_output_dir
-from rlhfkit.trainers.stage_data import prompt_records
+from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.runtime.output_dir import prepare_output_dir
+from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.runtime.precision import resolve_precision
 
 

@@ -12,8 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from rlhfkit.pipeline import ALGOS
-from rlhfkit.trainers.metrics_log import read_metrics
+from rlhfkit.runtime.metrics_log import read_metrics
 
 # Training curves per fine-tuning stage: (metric key in its metrics.jsonl, title), plotted when present.
 _RL_CURVES = [("objective/scores", "Reward-model score"), ("objective/gold", "Gold score (VADER)"),
@@ -118,17 +117,15 @@ def intervals_apart(better: dict, worse: dict, key: str = "gold_reward") -> bool
     return better[f"{key}_ci95"][0] > worse[f"{key}_ci95"][1]
 
 
-# Column order of the tables: the starting policy, then the fine-tuning methods in the pipeline's order, then others.
-POLICY_ORDER = ("sft", *ALGOS)
+def _policy_rank(name: str, order: tuple[str, ...]) -> tuple[int, str]:
+    return (order.index(name) if name in order else len(order), name)
 
 
-def _policy_rank(name: str) -> tuple[int, str]:
-    return (POLICY_ORDER.index(name) if name in POLICY_ORDER else len(POLICY_ORDER), name)
-
-
-def build_summary(out: Path, kl_budget: float, timings: dict) -> dict:
+def build_summary(out: Path, kl_budget: float, timings: dict, order: tuple[str, ...] = ()) -> dict:
+    """summary.json's content. `order`: the policies' column order (the caller's, e.g. the pipeline's starting
+    policy and then its fine-tuning methods); policies not in it follow alphabetically."""
     folders = sorted((p for p in (out / "eval").glob("*") if (p / "eval.json").is_file()),
-                     key=lambda p: _policy_rank(p.name))
+                     key=lambda p: _policy_rank(p.name, tuple(order)))
     evals = {p.name: _read_json(p / "eval.json") for p in folders}
     reward_rows = read_metrics(out / "reward" / "metrics.jsonl") if (out / "reward" / "metrics.jsonl").is_file() else []
     final_rm = next((r for r in reversed(reward_rows) if "eval/accuracy" in r), {})
@@ -179,9 +176,9 @@ font-weight:600}.bad{color:#b3261e;font-weight:600}.samples td{max-width:380px}.
 .gold{color:#777;font-size:.8em;margin-top:.3em}img{max-width:100%}"""
 
 
-def write_report(out: Path, kl_budget: float, timings: dict) -> Path:
+def write_report(out: Path, kl_budget: float, timings: dict, order: tuple[str, ...] = ()) -> Path:
     out = Path(out)
-    summary = build_summary(out, kl_budget, timings)
+    summary = build_summary(out, kl_budget, timings, order)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     evals = summary["policies"]
     names = list(evals)

@@ -37,7 +37,7 @@ def resolve_model_path(name_or_path: str | None) -> Path:
     if name_or_path == TINY:
         from rlhfkit.models.tiny import ensure_tiny
 
-        return ensure_tiny()
+        return ensure_tiny(lambda: load_tokenizer(None))
     path = Path(name_or_path)
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found (give a local folder with config.json, "

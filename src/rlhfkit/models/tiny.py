@@ -38,15 +38,16 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model
 
 
-def ensure_tiny() -> Path:
-    """The tiny model as a folder in the cache (made once, atomically), so it loads like any model."""
+def ensure_tiny(load_tokenizer) -> Path:
+    """The tiny model as a folder in the cache (made once, atomically), so it loads like any model.
+    `load_tokenizer()` gives the embedded model's tokenizer (models/loading.py passes it in: tiny.py sits below
+    the loader and does not import it)."""
     from rlhfkit.models.embedded import cache_root
-    from rlhfkit.models.loading import load_tokenizer
 
     target = cache_root() / TINY_NAME
     if (target / "config.json").is_file():
         return target
-    tokenizer = load_tokenizer(None)
+    tokenizer = load_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tiny-") as tmp:

@@ -20,9 +20,9 @@ from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_toke
 from rlhfkit.models.precision import store_linears_in_bf16
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
-from rlhfkit.trainers.loop import SupervisedTask, run_supervised
-from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
-from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
 

@@ -13,10 +13,10 @@ from rlhfkit.data.text import prompt_text, response_text
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import check_fits_context, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
-from rlhfkit.trainers.checkpoint import seed_everything
-from rlhfkit.trainers.loop import SupervisedTask, run_supervised
-from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
-from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -78,7 +78,7 @@ def run_reward(config: RewardConfig) -> Path:
     train, evals = encode(train_records), encode(eval_records)
     gold_diffs = None
     if config.gold_scorer and eval_records:
-        from rlhfkit.annotate.gold import load_gold_scorer
+        from rlhfkit.eval.gold import load_gold_scorer
 
         scorer = load_gold_scorer(config.gold_scorer)
         prompts = [prompt_text(r["prompt"]) for r in eval_records]

@@ -10,7 +10,7 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.precision import store_linears_in_bf16
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
-from rlhfkit.trainers.stage_data import prompt_records
+from rlhfkit.data.stage_records import prompt_records
 
 
 class PromptsAndGold:
@@ -60,6 +60,6 @@ def load_gold(config):
     """The optional gold scorer (logging only), or None."""
     if not config.gold_scorer:
         return None
-    from rlhfkit.annotate.gold import load_gold_scorer
+    from rlhfkit.eval.gold import load_gold_scorer
 
     return load_gold_scorer(config.gold_scorer)

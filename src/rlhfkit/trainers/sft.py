@@ -13,10 +13,10 @@ from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
 from rlhfkit.data.tokenize import tokenize_sft
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
-from rlhfkit.trainers.checkpoint import seed_everything
-from rlhfkit.trainers.loop import SupervisedTask, run_supervised
-from rlhfkit.trainers.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
-from rlhfkit.trainers.stage_data import train_eval_records
+from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
 

@@ -19,7 +19,7 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.reward_functions import RewardFunction, parse_reward_functions, parse_weights
 from rlhfkit.rollout.scoring import RewardScorer
-from rlhfkit.trainers.output_dir import save_hf_folder
+from rlhfkit.runtime.output_dir import save_hf_folder
 from rlhfkit.trainers.rl_models import PromptsAndGold, load_gold, load_reference, load_reward_scorer
 
 

@@ -14,7 +14,7 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
-from rlhfkit.trainers.output_dir import save_hf_folder
+from rlhfkit.runtime.output_dir import save_hf_folder
 from rlhfkit.trainers.rl_models import PromptsAndGold, load_gold, load_reference, load_reward_scorer
 
 
@@ -54,13 +54,13 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
     return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
 
 
-def build_optimizers(models: PPOModels, config: PPOConfig) -> dict:
-    """AdamW and a schedule for the policy and for the critic (separate learning rates, separate clipping)."""
+def build_optimizers(models: PPOModels, config: PPOConfig) -> tuple[dict, dict]:
+    """AdamW and a schedule for the policy and for the critic (separate learning rates, separate clipping):
+    ({name: optimizer}, {name: scheduler})."""
     steps = config.max_steps * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
-    out = {}
+    optimizers, schedulers = {}, {}
     for name, model, lr in (("policy", models.policy, config.learning_rate),
                             ("critic", models.critic, config.critic_learning_rate)):
-        optimizer = build_optimizer(model, config, lr=lr)
-        out[f"{name}_optimizer"] = optimizer
-        out[f"{name}_scheduler"] = build_scheduler(optimizer, config, steps)
-    return out
+        optimizers[name] = build_optimizer(model, config, lr=lr)
+        schedulers[name] = build_scheduler(optimizers[name], config, steps)
+    return optimizers, schedulers

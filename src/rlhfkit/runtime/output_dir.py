@@ -3,11 +3,13 @@ input never leaves a half-made folder behind)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from rlhfkit.config_parsing import to_yaml
+import yaml
+
 from rlhfkit.errors import UserError
-from rlhfkit.trainers.checkpoint import list_checkpoints
+from rlhfkit.runtime.checkpoint import list_checkpoints
 
 
 def resolve_output_dir(config, stage: str) -> Path:
@@ -19,6 +21,11 @@ def resolve_output_dir(config, stage: str) -> Path:
         raise UserError(f"{out}: already holds checkpoints of an earlier run; pass --resume to continue it "
                         f"or choose another --output-dir")
     return out
+
+
+def to_yaml(config) -> str:
+    """A stage's resolved config (a dataclass) as the YAML a `--config` file takes."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
 def prepare_output_dir(out: Path, config) -> None:

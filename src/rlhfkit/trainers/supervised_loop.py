@@ -18,12 +18,12 @@ import torch
 
 from rlhfkit.errors import UserError
 from rlhfkit.runtime.precision import autocast, autocast_paused
-from rlhfkit.trainers.checkpoint import (latest_good_checkpoint, load_checkpoint, load_model_weights,
-                                         save_checkpoint, seed_everything)
-from rlhfkit.trainers.guard import NonFiniteGuard
-from rlhfkit.trainers.interrupt import TrainingStopped, stop_on_signals
-from rlhfkit.trainers.metrics_log import MetricsLog
-from rlhfkit.trainers.optim import clip_gradients, build_optimizer, build_scheduler
+from rlhfkit.runtime.batch_order import BatchOrder
+from rlhfkit.runtime.checkpoint import load_model_weights, seed_everything
+from rlhfkit.runtime.guard import NonFiniteGuard
+from rlhfkit.runtime.interrupt import stop_on_signals
+from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
+from rlhfkit.trainers.run_context import RunContext
 
 
 @dataclass
@@ -40,35 +40,11 @@ class SupervisedTask:
     lr_overrides: dict[str, float] | None = None
 
 
-class BatchOrder:
-    """Micro-batch number i -> example indices. Epoch e uses its own seeded permutation, so the order is a
-    pure function of (seed, i): resuming at micro-batch i needs nothing but i."""
-
-    def __init__(self, n_examples: int, batch_size: int, seed: int, drop_last: bool = False):
-        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
-        # drop_last: every batch is full (RL wants a fixed rollout size); the tail of an epoch is skipped.
-        self.per_epoch = max(1, n_examples // batch_size) if drop_last else math.ceil(n_examples / batch_size)
-        self._epoch, self._perm = -1, None
-
-    def indices(self, microbatch: int) -> list[int]:
-        epoch, within = divmod(microbatch, self.per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
-        return self._perm[within * self.batch_size:(within + 1) * self.batch_size]
-
-
 def total_steps(config, n_examples: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
     per_epoch = math.ceil(n_examples / config.batch_size)
     return max(1, math.ceil(config.num_epochs * per_epoch / config.gradient_accumulation_steps))
-
-
-def _progress(config, total: int, initial: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, disable=not config.progress, dynamic_ncols=True)
 
 
 def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) -> list[dict]:
@@ -80,26 +56,17 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     steps = total_steps(config, len(task.train_examples))
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
-    step, microbatch, resumed_from = 0, 0, None
     guard = NonFiniteGuard(config.max_bad_steps)
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
-    if config.resume:
-        found = latest_good_checkpoint(output_dir)
-        if found:
-            resumed_from, path = found
-            load_model_weights(task.model, path / "model")
-            state = load_checkpoint(path, stateful)
-            step, microbatch = state["step"], state["microbatch"]
-            print(f"resuming from {path} (step {step} of {steps})")
-        else:
-            print(f"no checkpoint in {output_dir}/checkpoints; starting from step 0")
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=resumed_from)
+    run = RunContext(config, output_dir, steps, guard, {"optimizer": optimizer, "scheduler": scheduler, "guard": guard})
+    state = run.resume(lambda folder: load_model_weights(task.model, folder))
+    step, microbatch = (state["step"], state["microbatch"]) if state is not None else (0, 0)
+    log = run.log("metrics")
     params = [p for p in task.model.parameters() if p.requires_grad]
     accum = config.gradient_accumulation_steps
-    rows, bar = [], _progress(config, steps, step, desc)
+    rows, bar = [], run.start_progress(step, desc)
     task.model.train()
-    # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see interrupt.py).
-    with stop_on_signals() as stop:
+    # SIGTERM / Ctrl-C: finish the step, write a checkpoint, stop (see runtime/interrupt.py).
+    with stop_on_signals() as run.stop:
         while step < steps:
             started = time.perf_counter()
             batches = [task.collate([task.train_examples[i] for i in order.indices(microbatch + k)])
@@ -142,24 +109,16 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             if logged:
                 log.write(row)
                 rows.append(row)
-            if guard.exhausted:
-                if not logged:
-                    log.write(row)
-                bar.close()
-                raise UserError(f"steps {step - guard.in_a_row + 1}-{step}: {guard.in_a_row} steps in a row had a "
-                                f"non-finite loss or gradient and were skipped; stopping (max_bad_steps). "
-                                f"Checkpoints in {output_dir}/checkpoints are intact; lower the learning rate "
-                                f"or check the data")
-            stopping = stop.signum is not None and step < steps
-            if step == steps or stopping or (config.save_every and step % config.save_every == 0):
-                saved = save_checkpoint(output_dir, step, task.save_model, stateful,
-                                        {"microbatch": microbatch, "total_steps": steps}, config.keep_last_n)
-                if stopping:
-                    bar.close()
-                    raise TrainingStopped(stop.signum, step, saved)
+            if guard.exhausted and not logged:
+                log.write(row)
+            run.stop_if_exhausted(f"steps {step - guard.in_a_row + 1}-{step}: {guard.in_a_row} steps in a row had a "
+                                  f"non-finite loss or gradient and were skipped; stopping (max_bad_steps). "
+                                  f"Checkpoints in {output_dir}/checkpoints are intact; lower the learning rate "
+                                  f"or check the data")
+            run.checkpoint_when_due(step, task.save_model, {"microbatch": microbatch, "total_steps": steps})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
-    bar.close()
+    run.close_progress()
     task.model.eval()
     task.save_model(output_dir)
     return rows

@@ -1,0 +1,222 @@
+"""The RL iteration that PPO, GRPO and RLOO share, written once (cleanrl's shape: one loop, top to bottom).
+
+Each iteration:
+  1-2. rollout and score  - the algorithm samples responses and scores them into an `Experience`;
+  3-4. rewards, advantages - the algorithm's own (PPO: KL-shaped per-token rewards and GAE; GRPO/RLOO: group
+                            baselines);
+  5.   update            - epochs x shuffled mini-batches x micro-batches: the algorithm's loss per micro-batch,
+                            divided by the mini-batch's loss units (core.ppo_loss.loss_units), then clipping, the
+                            non-finite guard and one optimizer step per trained model;
+  6.   log               - metrics.jsonl, samples.jsonl, checkpoint (also on SIGTERM / Ctrl-C).
+
+An algorithm is a class with the attributes and methods of `RLAlgorithm`; ppo.py and grpo.py each define one
+and read top to bottom in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.core.ppo_loss import loss_units
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import check_fits_context
+from rlhfkit.rollout.experience import Experience
+from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.runtime.guard import NonFiniteGuard
+from rlhfkit.runtime.interrupt import stop_on_signals
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
+from rlhfkit.runtime.precision import autocast, resolve_precision
+from rlhfkit.runtime.batch_order import BatchOrder
+from rlhfkit.trainers.optim import clip_gradients
+from rlhfkit.trainers.rl_models import load_prompts_for
+from rlhfkit.trainers.run_context import RunContext
+
+# Metrics that are (parts of) the loss: each micro-batch's is already divided by the mini-batch's units, so
+# they add up; every other metric is a mean over the micro-batch and is weighted by its share of the units.
+ADDITIVE_METRICS = frozenset({"loss/policy", "loss/value", "ppo/policy_loss", "grpo/loss"})
+
+
+class RLAlgorithm:
+    """What an RL method supplies to `run_rl` (a template: ppo.py and grpo.py subclass it)."""
+
+    stage: str                       # "ppo", "grpo", "rloo"
+    keep_extra_fields = False        # keep prompt records' other fields (for reward functions)
+    prompts_field = "rollout_batch_size"  # the config field: prompts sampled per iteration
+    guard_hint = "check the reward model"  # the end of the message when too many updates were non-finite
+
+    def __init__(self, config):
+        self.config = config
+        self.models = None           # a bundle with .policy, .tokenizer, .save(folder), .encode_prompts, .gold
+        self.trained: dict[str, torch.nn.Module] = {}        # name -> trained model
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, object] = {}
+        self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
+
+    # Sizes of one iteration.
+    def prompts_per_iteration(self) -> int:
+        return getattr(self.config, self.prompts_field)
+
+    def samples_per_prompt(self) -> int:
+        return 1
+
+    def mini_batch_size(self) -> int:
+        raise NotImplementedError
+
+    def epochs(self) -> int:
+        raise NotImplementedError
+
+    loss_aggregation = "token-mean"
+
+    # The steps.
+    def rollout(self, records: list[dict], prompt_ids: list[list[int]]) -> Experience:
+        raise NotImplementedError
+
+    def advantages(self, exp: Experience) -> dict:
+        """Fill exp.advantages (and exp.returns); return the iteration's reward metrics."""
+        raise NotImplementedError
+
+    def micro_batch_loss(self, sub, idx: torch.Tensor, exp: Experience, normaliser: torch.Tensor) -> dict:
+        """Forward and backward of one micro-batch (rows `idx` of exp, laid out as `sub`); its metrics."""
+        raise NotImplementedError
+
+    def after_update(self, exp: Experience, metrics: dict) -> dict:
+        """Extra metrics once the update is done (and state to update, e.g. a KL controller)."""
+        return {}
+
+    def sample_rows(self, exp: Experience) -> list[dict]:
+        """A few samples for samples.jsonl."""
+        return []
+
+    def progress(self, row: dict) -> dict:
+        return {"score": f"{row['objective/scores']:.3f}"}
+
+    def load_weights(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch.Generator) -> dict:
+    """Step 5: epochs of shuffled mini-batches; each mini-batch is one optimizer step per trained model.
+
+    A micro-batch's loss is divided by the units (tokens or responses) of its whole mini-batch, so gradient
+    accumulation gives exactly the step one forward over the mini-batch would."""
+    config = run.config
+    mini = algo.mini_batch_size()
+    micro = mini // config.gradient_accumulation_steps
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for model in algo.trained.values():
+        model.train()
+    for _ in range(algo.epochs()):
+        order = torch.randperm(len(exp), generator=generator)
+        for start in range(0, len(exp), mini):
+            rows = order[start:start + mini]
+            normaliser = loss_units(exp.mask[rows], algo.loss_aggregation).clamp(min=1.0)
+            # One autocast context per mini-batch, closed before the optimizer steps. Autocast keeps its bf16
+            # copy of each weight until its context exits: the micro-batches share one cast, and no forward
+            # after a step can see the weights from before it (a context around the whole update would).
+            with autocast(config.mixed_precision):
+                for idx, sub in exp.batch.micro_batches(rows, micro):
+                    metrics = algo.micro_batch_loss(sub, idx, exp, normaliser)
+                    share = float(loss_units(exp.mask[idx, :sub.response_mask.shape[1]], algo.loss_aggregation)
+                                  / normaliser)
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in ADDITIVE_METRICS else share)
+            norms = {name: clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm)
+                     for name, model in algo.trained.items()}
+            # A non-finite gradient (from a NaN/inf loss or reward) skips every model's step for this mini-batch.
+            finite = run.guard.allows(*norms.values())
+            for name, norm in norms.items():
+                sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + norm
+                if finite:
+                    algo.optimizers[name].step()
+                    algo.schedulers[name].step()
+                algo.optimizers[name].zero_grad(set_to_none=True)
+            n_updates += 1
+    for model in algo.trained.values():
+        model.eval()
+    return {k: v / n_updates for k, v in sums.items()}
+
+
+def iteration_row(step: int, metrics: dict, exp: Experience, train_s: float, step_s: float, guard: NonFiniteGuard,
+                  models) -> dict:
+    """The metrics row every iteration logs: the update's metrics and phase times, response lengths and ends,
+    skipped updates, throughput, and the gold score of the samples when a gold scorer is loaded."""
+    mask = exp.batch.response_mask
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **exp.timings,
+           "response/length_mean": float(mask.sum(1).mean()),
+           "response/ended_fraction": float(exp.batch.ended.float().mean()), "time/train_s": train_s,
+           "train/skipped_steps": guard.skipped, "time/step_s": step_s, "perf/samples_per_s": len(exp) / step_s}
+    if models.gold is not None:
+        row["objective/gold"] = sum(models.gold_scores(exp.records, exp.texts)) / len(exp.texts)
+    return row
+
+
+def _repeat(items: list, k: int) -> list:
+    return [item for item in items for _ in range(k)]
+
+
+def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
+    """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
+    resolve_precision(config)
+    out = resolve_output_dir(config, algorithm.stage)
+    records = load_prompts_for(config, keep_extra=algorithm.keep_extra_fields)
+    n_prompts = getattr(config, algorithm.prompts_field)
+    if len(records) < n_prompts:
+        raise UserError(f"{config.data or 'prompts'}: {len(records)} prompts, fewer than {algorithm.prompts_field} "
+                        f"({n_prompts})")
+    seed_everything(config.seed)  # before loading: a fresh critic head is initialised from the RNG
+    algo = algorithm(config)
+    check_fits_context(algo.models.policy, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
+    prompt_ids = algo.models.encode_prompts(records)
+    prepare_output_dir(out, config)
+    k = algo.samples_per_prompt()
+    order = BatchOrder(len(records), n_prompts, config.seed, drop_last=True)
+    generator = torch.Generator().manual_seed(config.seed)  # the update's mini-batch order
+    guard = NonFiniteGuard(config.max_bad_steps)  # counts mini-batches skipped for a non-finite gradient
+    stateful = {**{f"{n}_optimizer": o for n, o in algo.optimizers.items()},
+                **{f"{n}_scheduler": s for n, s in algo.schedulers.items()}, **algo.stateful, "guard": guard}
+    run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration")
+    state = run.resume(algo.load_weights)
+    step = 0
+    if state is not None:
+        step = state["step"]
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+    log, samples_log = run.log("metrics"), run.log("samples")
+    bar = run.start_progress(step, algo.stage)
+    # SIGTERM / Ctrl-C: finish the iteration, write a checkpoint, stop (see runtime/interrupt.py).
+    with stop_on_signals() as run.stop:
+        while step < config.max_steps:
+            started = time.perf_counter()
+            rows = order.indices(step)
+            # 1-2. rollout and score (each prompt's k samples contiguous)
+            with autocast(config.mixed_precision):
+                exp = algo.rollout(_repeat([records[i] for i in rows], k), _repeat([prompt_ids[i] for i in rows], k))
+            # 3-4. rewards and advantages
+            metrics = algo.advantages(exp)
+            # 5. update
+            trained = time.perf_counter()
+            metrics.update(update(run, algo, exp, generator))
+            trained = time.perf_counter() - trained
+            extra = algo.after_update(exp, metrics)
+            # 6. log, samples, checkpoint
+            step += 1
+            row = iteration_row(step, metrics, exp, trained, time.perf_counter() - started, guard, algo.models)
+            row.update(extra)
+            if step % config.log_every == 0 or step == config.max_steps or guard.exhausted:
+                log.write(row)
+            run.stop_if_exhausted(f"iteration {step}: {guard.in_a_row} mini-batches in a row had a non-finite "
+                                  f"gradient and were skipped; stopping (max_bad_steps). Checkpoints in "
+                                  f"{out}/checkpoints are intact; lower the learning rate or {algo.guard_hint}")
+            if config.sample_every and (step % config.sample_every == 0 or step == 1):
+                for sample in algo.sample_rows(exp):
+                    samples_log.write({"step": step, **sample})
+            run.checkpoint_when_due(step, algo.models.save, {"generator": generator.get_state().tolist()})
+            bar.update(1)
+            bar.set_postfix(**algo.progress(row))
+    run.close_progress()
+    algo.models.save(out)
+    return out

@@ -1,0 +1,84 @@
+"""The run context every training loop carries: its config and output folder, what checkpoints save, the
+non-finite guard, the metrics log, the progress bar and the stop flag that SIGTERM / Ctrl-C set.
+
+The supervised loop (SFT, reward, DPO) and the RL loop (PPO, GRPO, RLOO) both resume, log, stop on too many
+non-finite updates and checkpoint through these methods, so the rules (which checkpoint is intact, when one is
+due, what a signal does) are written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhfkit.errors import UserError
+from rlhfkit.runtime.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.runtime.guard import NonFiniteGuard
+from rlhfkit.runtime.interrupt import StopRequest, TrainingStopped
+from rlhfkit.runtime.metrics_log import MetricsLog
+
+
+@dataclass
+class RunContext:
+    config: Any                    # the stage's resolved config (rlhfkit.config)
+    out: Path                      # its output folder
+    total: int                     # optimizer steps (supervised) or iterations (RL) to run
+    guard: NonFiniteGuard          # skipped updates, saved in every checkpoint
+    stateful: dict                 # name -> object with state_dict()/load_state_dict(), saved in checkpoints
+    unit: str = "step"             # what `total` counts, for messages: "step" or "iteration"
+    resumed_from: int | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
+    bar: Any = None                # tqdm progress bar, once started
+    logs: dict[str, MetricsLog] = field(default_factory=dict)
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def resume(self, load_weights: Callable[[Path], None]) -> dict | None:
+        """With --resume, restore the model weights (`load_weights(checkpoint / "model")`) and every stateful
+        object from the newest intact checkpoint; return its trainer state (None when starting afresh)."""
+        found = latest_good_checkpoint(self.out) if self.config.resume else None
+        if not found:
+            if self.config.resume:
+                print(f"no checkpoint in {self.out / 'checkpoints'}; starting from {self.unit} 0")
+            return None
+        self.resumed_from, path = found
+        load_weights(path / "model")
+        state = load_checkpoint(path, self.stateful)
+        print(f"resuming from {path} ({self.unit} {state['step']} of {self.total})")
+        return state
+
+    # -- logs and progress -------------------------------------------------------------------------------
+    def log(self, name: str = "metrics") -> MetricsLog:
+        """`out/NAME.jsonl`, with the rows after the resumed checkpoint dropped (they are written again)."""
+        if name not in self.logs:
+            self.logs[name] = MetricsLog(self.out / f"{name}.jsonl", resume_step=self.resumed_from)
+        return self.logs[name]
+
+    def start_progress(self, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=initial, desc=desc, disable=not self.config.progress,
+                        dynamic_ncols=True)
+        return self.bar
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def stop_if_exhausted(self, message: str) -> None:
+        """After max_bad_steps non-finite updates in a row: stop with one line (checkpoints stay intact)."""
+        if self.guard.exhausted:
+            self.close_progress()
+            raise UserError(message)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def checkpoint_when_due(self, step: int, save_model: Callable[[Path], None], extra: dict) -> None:
+        """Checkpoint every save_every steps, at the end, and when a signal asked to stop (then raise
+        TrainingStopped, which the CLI turns into exit status 128 + the signal number)."""
+        stopping = self.stop.signum is not None and step < self.total
+        every = self.config.save_every
+        if step == self.total or stopping or (every and step % every == 0):
+            saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n)
+            if stopping:
+                self.close_progress()
+                raise TrainingStopped(self.stop.signum, step, saved)
