@@ -126,3 +126,23 @@ def test_a_pipeline_file_with_an_unknown_precision_is_refused(tmp_path):
     path.write_text("output_dir: out\nmodel: tiny\nmixed_precision: fp16\nstages: [sft]\n")
     with pytest.raises(ConfigError, match=r"pipe.yaml:3: key 'mixed_precision': 'fp16' is not one of auto, no, bf16"):
         load_pipeline(path)
+
+
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_has_native_bf16(),
+    reason="this CPU has no native bf16 (no AVX512-BF16/AMX, per oneDNN): bf16 would be emulated, ~100x slower")
+
+
+@needs_native_bf16
+def test_on_a_cpu_with_native_bf16_auto_runs_bf16_close_to_fp32(tiny_model, tokenizer):
+    """The real probe (not faked): 'auto' picks bf16 here, and the tiny model's logits under bf16 autocast agree
+    with fp32 to bf16's precision (8 bits of mantissa, through two layers of hidden size 64)."""
+    assert choose_precision("auto").mode == "bf16"
+    ids = torch.tensor([tokenizer("The weather is lovely today")["input_ids"]])
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids).logits
+        with autocast("bf16"):
+            half = tiny_model(input_ids=ids).logits.float()
+    scale = float(full.abs().max())
+    assert float((half - full).abs().max()) <= 2 ** -8 * 16 * max(scale, 1.0)
+    assert not torch.equal(half, full)  # it really ran in bf16

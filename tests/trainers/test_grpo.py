@@ -192,3 +192,15 @@ def test_reward_model_and_functions_summed_with_weights(tmp_path, tokenizer, pro
                                                         abs=1e-5)
         assert row["rewards/reward_model"] != 0.0
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_grpo_and_rloo_check_the_context_length_as_ppo_does(tmp_path, prompts, stage):
+    """The shared RL setup refuses sequences longer than the model's positions before writing anything (the
+    tiny model has 512); run_group used to skip this check."""
+    out = tmp_path / stage
+    config = tiny_config(stage, data=prompts, reward_function=ALIGNED, output_dir=out, progress=False,
+                         max_prompt_length=100, max_length=700, max_new_tokens=450)
+    with pytest.raises(UserError, match=r"key 'max_new_tokens': sequences of up to 550 tokens do not fit"):
+        RUNS[stage](config)
+    assert not out.exists()

@@ -27,7 +27,7 @@ class Experience:
     advantages: torch.Tensor | None = None      # (B, R) per token (PPO) or (B,) per sample (GRPO, RLOO)
     returns: torch.Tensor | None = None         # (B, R) value targets (PPO)
     loss_mask: torch.Tensor | None = None       # (B, R) tokens that carry loss; default the response mask
-    timings: dict[str, float] = field(default_factory=dict)  # time/rollout_s, time/score_s
+    timings: dict[str, float] = field(default_factory=dict)  # time/rollout_s, score_s, train_s, step_s
 
     def __len__(self) -> int:
         return len(self.batch)

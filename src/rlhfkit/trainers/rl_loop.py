@@ -46,6 +46,7 @@ class RLAlgorithm:
     keep_extra_fields = False        # keep prompt records' other fields (for reward functions)
     prompts_field = "rollout_batch_size"  # the config field: prompts sampled per iteration
     guard_hint = "check the reward model"  # the end of the message when too many updates were non-finite
+    loss_aggregation = "token-mean"  # how losses are normalised (core.ppo_loss.LOSS_AGGREGATIONS)
 
     def __init__(self, config):
         self.config = config
@@ -56,9 +57,6 @@ class RLAlgorithm:
         self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
 
     # Sizes of one iteration.
-    def prompts_per_iteration(self) -> int:
-        return getattr(self.config, self.prompts_field)
-
     def samples_per_prompt(self) -> int:
         return 1
 
@@ -67,8 +65,6 @@ class RLAlgorithm:
 
     def epochs(self) -> int:
         raise NotImplementedError
-
-    loss_aggregation = "token-mean"
 
     # The steps.
     def rollout(self, records: list[dict], prompt_ids: list[list[int]]) -> Experience:
@@ -141,17 +137,16 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
     return {k: v / n_updates for k, v in sums.items()}
 
 
-def iteration_row(step: int, metrics: dict, exp: Experience, train_s: float, step_s: float, guard: NonFiniteGuard,
-                  models) -> dict:
+def iteration_row(run: RunContext, algo: RLAlgorithm, exp: Experience, step: int, metrics: dict) -> dict:
     """The metrics row every iteration logs: the update's metrics and phase times, response lengths and ends,
     skipped updates, throughput, and the gold score of the samples when a gold scorer is loaded."""
     mask = exp.batch.response_mask
     row = {"step": step, **{k: float(v) for k, v in metrics.items()}, **exp.timings,
            "response/length_mean": float(mask.sum(1).mean()),
-           "response/ended_fraction": float(exp.batch.ended.float().mean()), "time/train_s": train_s,
-           "train/skipped_steps": guard.skipped, "time/step_s": step_s, "perf/samples_per_s": len(exp) / step_s}
-    if models.gold is not None:
-        row["objective/gold"] = sum(models.gold_scores(exp.records, exp.texts)) / len(exp.texts)
+           "response/ended_fraction": float(exp.batch.ended.float().mean()),
+           "train/skipped_steps": run.guard.skipped, "perf/samples_per_s": len(exp) / exp.timings["time/step_s"]}
+    if algo.models.gold is not None:
+        row["objective/gold"] = sum(algo.models.gold_scores(exp.records, exp.texts)) / len(exp.texts)
     return row
 
 
@@ -200,12 +195,12 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             # 5. update
             trained = time.perf_counter()
             metrics.update(update(run, algo, exp, generator))
-            trained = time.perf_counter() - trained
+            exp.timings["time/train_s"] = time.perf_counter() - trained
             extra = algo.after_update(exp, metrics)
             # 6. log, samples, checkpoint
             step += 1
-            row = iteration_row(step, metrics, exp, trained, time.perf_counter() - started, guard, algo.models)
-            row.update(extra)
+            exp.timings["time/step_s"] = time.perf_counter() - started
+            row = {**iteration_row(run, algo, exp, step, metrics), **extra}
             if step % config.log_every == 0 or step == config.max_steps or guard.exhausted:
                 log.write(row)
             run.stop_if_exhausted(f"iteration {step}: {guard.in_a_row} mini-batches in a row had a non-finite "
