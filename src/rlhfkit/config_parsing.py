@@ -158,9 +158,7 @@ def _flag_parser(*classes, prog: str):
         flag = "--" + action.dest.replace("_", "-")
         action.type = lambda text, cls=cls, key=action.dest, flag=flag: coerce(cls, key, text, flag)
         action.choices = None  # checked by coerce, with the message every source gets
-        action.default = argparse.SUPPRESS
-        if action.option_strings and action.option_strings[0].startswith("--no_"):
-            action.default = argparse.SUPPRESS
+        action.default = argparse.SUPPRESS  # also for HF's --no_FLAG complements, whose dest is the field's
     return parser
 
 
@@ -183,11 +181,12 @@ def parse_flags(cls, args: list[str], prog: str) -> tuple[ConfigSources, dict[st
 def flags_help(cls, prog: str) -> str:
     """Every field of `cls` as argparse lists it (name, type, default, help), for `rlhfkit <stage> --help`."""
     parser = _flag_parser(cls, ConfigSources, prog=prog)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for action in parser._actions:  # show the defaults in the help (they are suppressed for parsing)
-        if action.dest in {f.name for f in dataclasses.fields(cls)}:
-            default = next(f for f in dataclasses.fields(cls) if f.name == action.dest)
-            value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-            choices = default.metadata.get("choices")
+        spec = fields.get(action.dest)
+        if spec is not None:
+            value = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+            choices = spec.metadata.get("choices")
             text = f"{action.help} (default: {value}" + (f"; one of {', '.join(choices)})" if choices else ")")
             action.help = text.replace("%", "%%")  # argparse formats help strings with %
     return parser.format_help()
