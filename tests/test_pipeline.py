@@ -42,6 +42,12 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert "Before and after" in page and "PPO training curves" in page and "Sample generations" in page
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
+    # The reference's samples are drawn once, by the first evaluation, and reused by the others.
+    assert (out / "eval" / "sft" / "reference.json").exists()
+    assert f"reference_samples: {out / 'eval' / 'sft'}" in (out / "eval" / "ppo" / "config.yaml").read_text()
+    ours, theirs = ([json.loads(x) for x in (out / "eval" / d / "samples.jsonl").read_text().splitlines()]
+                    for d in ("sft", "ppo"))
+    assert [r["reference_response"] for r in ours] == [r["reference_response"] for r in theirs]
     # Finished stages keep their models but not their checkpoints (keep_checkpoints is false by default).
     for stage in ("sft", "reward", "ppo"):
         assert (out / stage / "model.safetensors").exists() and not (out / stage / "checkpoints").exists(), stage
@@ -85,3 +91,18 @@ def test_algos_replace_the_fine_tuning_stages_and_are_checked(tmp_path):
     bad.write_text("output_dir: x\nalgos: dpo\n")
     with pytest.raises(ConfigError, match=r"p.yaml:2: key 'algos'"):
         load_pipeline(bad)
+
+
+def test_a_pipeline_system_prompt_reaches_every_stage_and_a_section_may_override_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("output_dir: x\nsystem_prompt: ''\nstages: [sft, annotate, reward, ppo, dpo, eval]\n"
+                    "dpo:\n  system_prompt: Be brief.\n")
+    pipe = load_pipeline(path)
+    prompts = {stage: stage_config(pipe, stage, {}).system_prompt for stage in pipe.stages}
+    assert prompts == {"sft": "", "annotate": "", "reward": "", "ppo": "", "dpo": "Be brief.", "eval": ""}
+    # Unset, every stage keeps the template's default (None); a flag sets it like the file.
+    path.write_text("output_dir: x\nstages: [sft, eval]\n")
+    assert {stage_config(load_pipeline(path), s, {}).system_prompt for s in ("sft", "eval")} == {None}
+    assert stage_config(load_pipeline(path, {"system_prompt": "Hi."}), "eval", {}).system_prompt == "Hi."
+    assert stage_config(load_pipeline(demo_path("default"), {"output_dir": str(tmp_path)}), "ppo",
+                        {}).system_prompt == ""

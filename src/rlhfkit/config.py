@@ -40,6 +40,9 @@ class RunConfig:
                                    "sequences).", choices=("auto", "eager", "sdpa"))
     use_chat_template: bool = opt(True, "Render prompts with the tokenizer's chat template (plain text if the "
                                   "tokenizer has none).")
+    system_prompt: str | None = opt(None, "The system turn of every prompt that has none, with a chat template; "
+                                    "unset: the template's own default (SmolLM2's adds 22 tokens to each "
+                                    "prompt); '' gives an empty system turn.")
     max_prompt_length: int = opt(128, "Prompt tokens kept; longer prompts are cut from the LEFT (the end, "
                                  "nearest the response, is kept).")
     max_length: int = opt(256, "Prompt + response tokens kept; responses are cut from the RIGHT to fit (a cut "
@@ -292,6 +295,9 @@ class EvalConfig(SamplingConfig, RunConfig):
     samples_per_prompt: int = opt(2, "Responses sampled per prompt; intervals are computed over prompts.")
     batch_size: int = opt(32, "Sequences per generation / scoring batch.")
     progress: bool = opt(True, "Show a progress bar.")
+    reference_samples: str | None = opt(None, "An earlier eval's folder whose reference samples to reuse instead "
+                                        "of sampling the reference again: it must have had the same reference, "
+                                        "prompts, seed and sampling settings (checked).")
 
 
 @dataclass
@@ -305,6 +311,8 @@ class PipelineSettings:
     mixed_precision: str = opt("auto", "Precision of every stage unless its section says otherwise (see a stage's "
                                "--help).", choices=("auto", "no", "bf16"))
     gold_scorer: str = opt("vader", "The simulated annotator's judge, and the evaluation's.")
+    system_prompt: str | None = opt(None, "Every stage's system turn (see a stage's --help); unset: the chat "
+                                    "template's own default.")
     kl_budget: float = opt(15.0, "Nats per response; the summary checks every trained policy against it.")
     keep_checkpoints: bool = opt(False, "Keep each finished stage's checkpoints/ (optimizer state included).")
     algos: str | None = opt(None, "Fine-tuning stages to run and compare instead of those in `stages`, "

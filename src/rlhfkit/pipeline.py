@@ -5,6 +5,7 @@
     seed: 0
     mixed_precision: auto          # auto|bf16|no, applied to every stage unless a section says otherwise
     gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
+    system_prompt: ""              # optional: every stage's system turn (unset: the chat template's default)
     kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
     keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
     stages: [sft, annotate, reward, ppo, eval]
@@ -49,6 +50,7 @@ class Pipeline:
     seed: int = 0
     mixed_precision: str = "auto"
     gold_scorer: str = "vader"
+    system_prompt: str | None = None
     kl_budget: float = 15.0
     keep_checkpoints: bool = False
     stages: list[str] = field(default_factory=lambda: ["sft", "annotate", "reward", "ppo", "eval"])
@@ -140,6 +142,8 @@ def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = 
     values = {"model": pipe.model, "seed": pipe.seed, "mixed_precision": pipe.mixed_precision}
     if "gold_scorer" in fields:
         values["gold_scorer"] = pipe.gold_scorer
+    if pipe.system_prompt is not None:  # None: each stage keeps its own (by default the template's)
+        values["system_prompt"] = pipe.system_prompt
     values.update(wiring)
     values.update(extra or {})
     for key, value in pipe.sections.get(stage, {}).items():
@@ -185,6 +189,9 @@ def run_pipeline(pipe: Pipeline, runner) -> Path:
         if done.exists():
             print(f"pipeline: {name} already done ({config.output_dir}); skipping")
             continue
+        if stage == "eval" and name != "eval-sft" and (out / "eval" / "sft" / "reference.json").exists():
+            # The reference's samples depend on the reference alone: sampled once, by the first evaluation.
+            config.reference_samples = str(out / "eval" / "sft")
         if hasattr(config, "resume") and Path(config.output_dir, "checkpoints").is_dir():
             config.resume = True  # an interrupted training stage continues from its last checkpoint
         print(f"pipeline: running {name} -> {config.output_dir}")

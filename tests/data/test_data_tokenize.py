@@ -58,6 +58,26 @@ def test_conversational_prompt_with_own_system(tokenizer):
     assert text == "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_system_prompt_replaces_the_templates_default_only_where_a_conversation_has_none(tokenizer):
+    empty = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(tokenizer, "hi", system_prompt="") == empty
+    ids = tokenize_prompt(tokenizer, "hi", 1000, system_prompt="")
+    assert tokenizer.decode(ids) == empty and len(ids) == 15  # 31 with SmolLM2's default system turn
+    short = tokenize_prompt(tokenizer, [U("hi")], 1000, system_prompt="Be brief.")
+    assert tokenizer.decode(short).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi")
+    # A conversation's own system turn wins; None keeps the template's default; no template: no system line.
+    own = [{"role": "system", "content": "Be kind."}, U("hi")]
+    assert tokenize_prompt(tokenizer, own, 1000, system_prompt="") == tokenize_prompt(tokenizer, own, 1000)
+    assert tokenize_prompt(tokenizer, "hi", 1000, system_prompt=None) == tokenize_prompt(tokenizer, "hi", 1000)
+    assert tokenize_prompt(tokenizer, "hello world", 100, False, system_prompt="x") == HELLO_WORLD
+    # SFT and preference records render their prompt the same way, so every stage sees the same prompt.
+    sft = tokenize_sft(tokenizer, {"prompt": "hi", "completion": "hello world"}, 100, 200, system_prompt="")
+    assert sft["input_ids"][:15] == ids and sft["loss_mask"] == [0] * 15 + [1] * 3
+    pair = tokenize_preference(tokenizer, {"prompt": "hi", "chosen": "a", "rejected": "b"}, 100, 200,
+                               system_prompt="")
+    assert pair["prompt_ids"] == ids
+
+
 def test_sft_appends_eos_and_masks_completion_exactly(tokenizer):
     out = tokenize_sft(tokenizer, {"prompt": "hi", "completion": "hello world"}, 100, 200)
     assert out["input_ids"] == tokenize_prompt(tokenizer, "hi", 100) + HELLO_WORLD + [EOS]

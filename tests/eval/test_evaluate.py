@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from rlhfkit.errors import ConfigError
+
 from rlhfkit.eval.evaluate import run_eval
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.tiny import build_tiny_model
@@ -47,3 +49,24 @@ def test_eval_against_itself_has_zero_kl(tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["kl_to_reference_mean"] == 0.0 and result["kl_to_reference_ci95"] == [0.0, 0.0]
     assert "proxy_reward_mean" not in result
+
+
+def test_reference_samples_are_reused_only_when_sampled_the_same_way(tmp_path, other_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say {w}"} for w in "abcd"])
+    settings = dict(data=prompts, ref_model=other_model, samples_per_prompt=2, max_new_tokens=6, progress=False)
+    first, again, reused = tmp_path / "first", tmp_path / "again", tmp_path / "reused"
+    run_eval(tiny_config("eval", output_dir=first, **settings))
+    # The reference's samples have their own seed: another policy's evaluation draws the very same ones...
+    run_eval(tiny_config("eval", output_dir=again, model=other_model, **settings))
+    rows = [[json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for d in (first, again)]
+    assert [r["reference_response"] for r in rows[0]] == [r["reference_response"] for r in rows[1]]
+    # ...so it may reuse them, with the same numbers as sampling them again, and without sampling.
+    run_eval(tiny_config("eval", output_dir=reused, model=other_model, reference_samples=str(first), **settings))
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (again, reused))
+    assert a == b and json.loads((reused / "reference.json").read_text())["seed"] == 0
+    # Samples of another seed (or other prompts, settings, reference) are refused, before anything is written.
+    with pytest.raises(ConfigError, match=r"first/reference.json: sampled differently \(seed\)"):
+        run_eval(tiny_config("eval", output_dir=tmp_path / "x", seed=3, reference_samples=str(first), **settings))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="no reusable reference samples"):
+        run_eval(tiny_config("eval", output_dir=tmp_path / "y", reference_samples=str(tmp_path), **settings))

@@ -45,7 +45,8 @@ def run_annotate(config: AnnotateConfig) -> Path:
 
     started = time.perf_counter()
     k = config.responses_per_prompt
-    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
+                                  config.system_prompt)
                   for r in records]
     repeated = [ids for ids in prompt_ids for _ in range(k)]
     with autocast(config.mixed_precision):

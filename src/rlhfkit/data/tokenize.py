@@ -6,6 +6,9 @@ Rendering
   otherwise the raw text is used (with the BOS token the tokenizer itself would add, if any).
 - A conversational prompt is rendered with the chat template. Without one (or with
   ``use_chat_template=False``) it falls back to lines ``"role: content"`` followed by ``"assistant: "``.
+- ``system_prompt`` (templates only): None leaves the template's own default (SmolLM2's adds a 22-token
+  system turn when a conversation has none); a string, even empty, becomes the system turn of every
+  conversation that has none of its own.
 - A response is its text tokenised without special tokens, followed by ``eos_token_id``. For ChatML
   (SmolLM2) that is exactly the assistant turn ``content<|im_end|>``, so generation stops where the
   template would close the turn. A response of several assistant messages is rendered with the
@@ -44,21 +47,25 @@ def _eos_id(tokenizer) -> int:
     return eos
 
 
-def _as_messages(prompt) -> list[dict]:
-    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+def _as_messages(prompt, system_prompt: str | None = None) -> list[dict]:
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
-def render_prompt(tokenizer, prompt, use_chat_template: bool = True) -> str:
+def render_prompt(tokenizer, prompt, use_chat_template: bool = True, system_prompt: str | None = None) -> str:
     """The prompt as the text the model sees before its response (see the module docstring)."""
     if _has_template(tokenizer, use_chat_template):
-        return tokenizer.apply_chat_template(_as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(_as_messages(prompt, system_prompt), tokenize=False,
+                                             add_generation_prompt=True)
     if isinstance(prompt, str):
         return prompt
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
-def _prompt_ids_untruncated(tokenizer, prompt, use_chat_template: bool) -> list[int]:
-    text = render_prompt(tokenizer, prompt, use_chat_template)
+def _prompt_ids_untruncated(tokenizer, prompt, use_chat_template: bool, system_prompt: str | None) -> list[int]:
+    text = render_prompt(tokenizer, prompt, use_chat_template, system_prompt)
     ids = _encode(tokenizer, text)
     if not _has_template(tokenizer, use_chat_template):
         # Raw text: keep the BOS the tokenizer adds on its own (Llama does, GPT-2 and SmolLM2 do not);
@@ -71,25 +78,26 @@ def _prompt_ids_untruncated(tokenizer, prompt, use_chat_template: bool) -> list[
     return ids
 
 
-def tokenize_prompt(tokenizer, prompt, max_prompt_length: int, use_chat_template: bool = True) -> list[int]:
+def tokenize_prompt(tokenizer, prompt, max_prompt_length: int, use_chat_template: bool = True,
+                    system_prompt: str | None = None) -> list[int]:
     """Prompt ids, length <= max_prompt_length, cut from the LEFT (the end is kept).
 
     `prompt` is plain text or a list of messages. Returns a list of P ints, P <= max_prompt_length.
     """
     if max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    ids = _prompt_ids_untruncated(tokenizer, prompt, use_chat_template)
+    ids = _prompt_ids_untruncated(tokenizer, prompt, use_chat_template, system_prompt)
     return ids[-max_prompt_length:]
 
 
-def _response_text(tokenizer, prompt, response, use_chat_template: bool) -> str:
+def _response_text(tokenizer, prompt, response, use_chat_template: bool, system_prompt: str | None) -> str:
     if isinstance(response, str):
         return response
     if len(response) == 1:
         return response[0]["content"]
     # Several assistant turns: let the template join them, then take what follows the prompt.
     if _has_template(tokenizer, use_chat_template):
-        messages = _as_messages(prompt)
+        messages = _as_messages(prompt, system_prompt)
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages + list(response), tokenize=False)
         if full.startswith(head):
@@ -102,10 +110,12 @@ def _response_text(tokenizer, prompt, response, use_chat_template: bool) -> str:
     return "\n\n".join(m["content"] for m in response)
 
 
-def tokenize_response(tokenizer, response, prompt=None, use_chat_template: bool = True) -> list[int]:
+def tokenize_response(tokenizer, response, prompt=None, use_chat_template: bool = True,
+                      system_prompt: str | None = None) -> list[int]:
     """Response ids followed by eos_token_id, untruncated. `prompt` only matters for responses made of
     several assistant messages (they are rendered in the context of the prompt's template)."""
-    return _encode(tokenizer, _response_text(tokenizer, prompt, response, use_chat_template)) + [_eos_id(tokenizer)]
+    text = _response_text(tokenizer, prompt, response, use_chat_template, system_prompt)
+    return _encode(tokenizer, text) + [_eos_id(tokenizer)]
 
 
 def _room(prompt_ids: list[int], max_length: int) -> int:
@@ -130,7 +140,7 @@ def _split_sft(record: dict):
 
 
 def tokenize_sft(tokenizer, record: dict, max_prompt_length: int, max_length: int,
-                 use_chat_template: bool = True) -> dict:
+                 use_chat_template: bool = True, system_prompt: str | None = None) -> dict:
     """One SFT example: ``{"input_ids": list[int] (L,), "loss_mask": list[int] (L,)}``, L <= max_length.
 
     input_ids = prompt (cut from the left to max_prompt_length) + completion + EOS (cut from the right
@@ -139,15 +149,15 @@ def tokenize_sft(tokenizer, record: dict, max_prompt_length: int, max_length: in
     """
     _check_lengths(max_prompt_length, max_length)
     prompt, completion = _split_sft(record)
-    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length, use_chat_template)
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length, use_chat_template, system_prompt)
     room = _room(prompt_ids, max_length)
-    completion_ids = tokenize_response(tokenizer, completion, prompt, use_chat_template)[:room]
+    completion_ids = tokenize_response(tokenizer, completion, prompt, use_chat_template, system_prompt)[:room]
     return {"input_ids": prompt_ids + completion_ids,
             "loss_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
 def tokenize_preference(tokenizer, record: dict, max_prompt_length: int, max_length: int,
-                        use_chat_template: bool = True) -> dict:
+                        use_chat_template: bool = True, system_prompt: str | None = None) -> dict:
     """One preference pair: ``{"prompt_ids" (P,), "chosen_ids" (C,), "rejected_ids" (R,)}`` as int lists,
     with P <= max_prompt_length, P + C <= max_length and P + R <= max_length; ``"margin"`` (float) is
     passed through when the record has one. Each response ends with EOS unless it was cut.
@@ -155,11 +165,13 @@ def tokenize_preference(tokenizer, record: dict, max_prompt_length: int, max_len
     """
     _check_lengths(max_prompt_length, max_length)
     prompt = record["prompt"]
-    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length, use_chat_template)
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length, use_chat_template, system_prompt)
     room = _room(prompt_ids, max_length)
     out = {"prompt_ids": prompt_ids,
-           "chosen_ids": tokenize_response(tokenizer, record["chosen"], prompt, use_chat_template)[:room],
-           "rejected_ids": tokenize_response(tokenizer, record["rejected"], prompt, use_chat_template)[:room]}
+           "chosen_ids": tokenize_response(tokenizer, record["chosen"], prompt, use_chat_template,
+                                           system_prompt)[:room],
+           "rejected_ids": tokenize_response(tokenizer, record["rejected"], prompt, use_chat_template,
+                                             system_prompt)[:room]}
     if record.get("margin") is not None:
         out["margin"] = float(record["margin"])
     return out

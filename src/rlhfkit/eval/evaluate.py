@@ -8,7 +8,9 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
   estimate of the sequence-level KL(pi || pi_ref) in nats, both at the sampling temperature (with top_p < 1
   the samples come from a truncated distribution and the estimate is biased; keep top_p = 1 to measure KL);
 - win_rate_vs_reference: policy sample i against reference sample i of the same prompt, judged by the gold
-  scorer, ties counting one half;
+  scorer, ties counting one half. The reference's samples are drawn from their own seed (seed + 1), so they
+  do not depend on the policy: a pipeline samples them once and its other evaluations reuse them
+  (`reference_samples`, checked against `reference.json`);
 - response_length: response tokens (EOS included).
 """
 
@@ -33,12 +35,14 @@ from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.loading import first_line
 from rlhfkit.runtime.precision import resolve_precision
 
 
 @torch.no_grad()
 def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalConfig, reward: RewardScorer | None):
-    """Samples of `policy` with their KL to `ref` and proxy scores, in batches."""
+    """Samples of `policy` with their KL to `ref` (None: no KL, no scoring pass) and proxy scores, in batches."""
     from tqdm.auto import tqdm
 
     out = {"texts": [], "kl": [], "proxy": [], "length": [], "ended": []}
@@ -51,15 +55,44 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
                                     tokenizer.pad_token_id)
         texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         mask = batch.response_mask
-        logp, _ = response_logprobs(policy, batch, config.temperature)
-        logq, _ = response_logprobs(ref, batch, config.temperature) if ref is not policy else (logp, None)
-        out["kl"] += torch.where(mask.bool(), logp - logq, torch.zeros_like(logp)).sum(1).tolist()
+        if ref is not None:
+            logp, _ = response_logprobs(policy, batch, config.temperature)
+            logq, _ = response_logprobs(ref, batch, config.temperature) if ref is not policy else (logp, None)
+            out["kl"] += torch.where(mask.bool(), logp - logq, torch.zeros_like(logp)).sum(1).tolist()
         out["length"] += mask.sum(1).tolist()
         out["ended"] += batch.ended.tolist()
         out["texts"] += texts
         if reward is not None:
             out["proxy"] += reward(batch, [r["prompt"] for r in recs], texts).tolist()
     return out
+
+
+def _reference_key(config: EvalConfig, records: list[dict]) -> dict:
+    """Everything the reference's samples depend on: equal keys give equal samples (same code and machine)."""
+    from hashlib import sha256
+
+    prompts = sha256(json.dumps([r["prompt"] for r in records], ensure_ascii=False).encode()).hexdigest()
+    ref = str(config.ref_model or config.model)
+    return {"ref_model": str(Path(ref).resolve()) if Path(ref).exists() else ref, "prompts_sha256": prompts,
+            "samples_per_prompt": config.samples_per_prompt, "seed": config.seed,
+            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+            "max_prompt_length": config.max_prompt_length, "use_chat_template": config.use_chat_template,
+            "system_prompt": config.system_prompt, "mixed_precision": config.mixed_precision, "dtype": config.dtype}
+
+
+def _reused_reference(folder: str, key: dict, n: int) -> list[str]:
+    """The reference responses of an earlier eval in `folder`, after checking they were sampled as ours would be."""
+    where = Path(folder)
+    try:
+        theirs_key = json.loads((where / "reference.json").read_text())
+        rows = [json.loads(line) for line in (where / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"reference_samples: {where}: no reusable reference samples ({first_line(exc)})") from None
+    differ = sorted(k for k in key if theirs_key.get(k) != key[k])
+    if differ or len(rows) != n:
+        what = ", ".join(differ) if differ else f"{len(rows)} samples, not {n}"
+        raise ConfigError(f"reference_samples: {where / 'reference.json'}: sampled differently ({what})")
+    return [row["reference_response"] for row in rows]
 
 
 def _per_prompt(values: list[float], k: int) -> torch.Tensor:
@@ -81,22 +114,31 @@ def run_eval(config: EvalConfig) -> Path:
         rm_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
         rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                                config.attn_implementation)
-        reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template)
+        reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template,
+                              config.system_prompt)
     # eval's responses are not bounded by max_length: a prompt and max_new_tokens must fit.
     for loaded in [policy, ref] + ([rm] if reward is not None else []):
         check_fits_context(loaded, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
+    k = config.samples_per_prompt
+    repeated = [r for r in records for _ in range(k)]
+    key = _reference_key(config, repeated)
+    reused = _reused_reference(config.reference_samples, key, len(repeated)) if config.reference_samples else None
     prepare_output_dir(out, config)
     seed_everything(config.seed)
 
-    k = config.samples_per_prompt
-    repeated = [r for r in records for _ in range(k)]
-    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template)
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
+                                  config.system_prompt)
                   for r in repeated]
     with autocast(config.mixed_precision):
         ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
-    # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5).
-    with autocast(config.mixed_precision):
-        theirs = _sample_and_score(ref, ref, tokenizer, repeated, prompt_ids, config, None)
+    # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5),
+    # from their own seed: they depend on the reference alone, so other evaluations can reuse them.
+    if reused is not None:
+        theirs = {"texts": reused}
+    else:
+        seed_everything(config.seed + 1)
+        with autocast(config.mixed_precision):
+            theirs = _sample_and_score(ref, None, tokenizer, repeated, prompt_ids, config, None)
     prompts = [prompt_text(r["prompt"]) for r in repeated]
     gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])
 
@@ -116,6 +158,7 @@ def run_eval(config: EvalConfig) -> Path:
         result[f"{name}_ci95"] = stats["ci95"]
         result[f"{name}_std"] = stats["std"]
     (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "reference.json").write_text(json.dumps(key, indent=2))
     with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
         for i, record in enumerate(repeated):
             row = {"prompt": record["prompt"], "response": ours["texts"][i], "gold": gold_ours[i],

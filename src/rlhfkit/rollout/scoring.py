@@ -114,10 +114,12 @@ class RewardScorer:
     (prompt rendered with its chat template, response followed by its EOS), as a reward model expects.
     """
 
-    def __init__(self, model, tokenizer, policy_tokenizer, max_prompt_length: int, use_chat_template: bool = True):
+    def __init__(self, model, tokenizer, policy_tokenizer, max_prompt_length: int, use_chat_template: bool = True,
+                 system_prompt: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.reuse_ids = same_vocabulary(tokenizer, policy_tokenizer)
         self.max_prompt_length, self.use_chat_template = max_prompt_length, use_chat_template
+        self.system_prompt = system_prompt
 
     @torch.no_grad()
     def __call__(self, batch: RolloutBatch, prompts: list, response_texts: list[str]) -> torch.Tensor:
@@ -126,7 +128,8 @@ class RewardScorer:
             return score_sequences(self.model, batch.input_ids, batch.attention_mask, batch.position_ids)
         sequences = []
         for prompt, text, ended in zip(prompts, response_texts, batch.ended.tolist()):
-            ids = tokenize_prompt(self.tokenizer, prompt, self.max_prompt_length, self.use_chat_template)
+            ids = tokenize_prompt(self.tokenizer, prompt, self.max_prompt_length, self.use_chat_template,
+                                  self.system_prompt)
             ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
             # Only a finished response gets an end-of-turn: the reward model must see truncation as such.
             sequences.append(ids + [self.tokenizer.eos_token_id] if ended else ids)

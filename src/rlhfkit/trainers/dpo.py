@@ -86,7 +86,7 @@ def run_dpo(config: DPOConfig) -> Path:
     train_records, eval_records = train_eval_records(config, "preference")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train, evals = [[tokenize_preference(tokenizer, r, config.max_prompt_length, config.max_length,
-                                         config.use_chat_template) for r in records]
+                                         config.use_chat_template, config.system_prompt) for r in records]
                     for records in (train_records, eval_records)]
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     set_gradient_checkpointing(model, config.gradient_checkpointing)

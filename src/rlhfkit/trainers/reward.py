@@ -70,7 +70,7 @@ def run_reward(config: RewardConfig) -> Path:
         examples = []
         for record in records:
             example = tokenize_preference(tokenizer, record, config.max_prompt_length, config.max_length,
-                                          config.use_chat_template)
+                                          config.use_chat_template, config.system_prompt)
             example["margin"] = float(record.get("margin") or 0.0)
             examples.append(example)
         return examples

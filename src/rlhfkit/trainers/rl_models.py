@@ -19,7 +19,8 @@ class PromptsAndGold:
 
     def encode_prompts(self, records: list[dict]) -> list[list[int]]:
         c = self.config
-        return [tokenize_prompt(self.tokenizer, r["prompt"], c.max_prompt_length, c.use_chat_template) for r in records]
+        return [tokenize_prompt(self.tokenizer, r["prompt"], c.max_prompt_length, c.use_chat_template, c.system_prompt)
+                for r in records]
 
     def gold_scores(self, records: list[dict], texts: list[str]) -> list[float]:
         return self.gold([prompt_text(r["prompt"]) for r in records], texts)
@@ -53,7 +54,7 @@ def load_reward_scorer(config, policy_tokenizer) -> RewardScorer:
     model = load_reward_model(config.reward_model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                               config.attn_implementation)
     return RewardScorer(_frozen(model, config), tokenizer, policy_tokenizer, config.max_prompt_length,
-                        config.use_chat_template)
+                        config.use_chat_template, config.system_prompt)
 
 
 def load_gold(config):

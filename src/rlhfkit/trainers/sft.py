@@ -54,7 +54,8 @@ def run_sft(config: SFTConfig) -> Path:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
 
     def encode(records):
-        return [tokenize_sft(tokenizer, r, config.max_prompt_length, config.max_length, config.use_chat_template)
+        return [tokenize_sft(tokenizer, r, config.max_prompt_length, config.max_length, config.use_chat_template,
+                             config.system_prompt)
                 for r in records]
 
     train, evals = encode(train_records), encode(eval_records)
