@@ -18,6 +18,9 @@ no evaluation or checkpoints. The first iteration warms up and is not timed.
 - `trl`: TRL as its users get it (sdpa attention, transformers' pick).
 - `trl-eager`: TRL with the eager attention rlhfkit picks on the CPU, to show how much of the difference
   that one setting makes.
+- `rlhfkit-lora`: rlhfkit with LoRA (`--lora-r`, every linear layer of the trunk): one frozen base serves as
+  policy (adapter), reference (adapter off) and critic (second adapter + value head); the reward model is its
+  own model. Compared with `rlhfkit` (full fine-tuning of policy and critic) in samples/s and peak memory.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
                      forward_batch_size=args.rollout, mixed_precision=MIXED[args.precision], save_every=0,
                      sample_every=0,
                      progress=False, critic_init="reward",
-                     logprobs_from_sampling=args.system == "rlhfkit-sampled")
+                     logprobs_from_sampling=args.system == "rlhfkit-sampled",
+                     lora_r=args.lora_r if args.system == "rlhfkit-lora" else 0, lora_alpha=2 * args.lora_r)
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
     run_ppo(config)
@@ -181,6 +185,7 @@ def main() -> None:
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="both sides: bf16 autocast or fp32; auto = bf16 where the CPU runs it natively")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the rlhfkit-lora system")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -201,7 +206,8 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "--system", system, "--model", model, "--work", tmp,
                        "--iterations", str(args.iterations), "--rollout", str(args.rollout), "--mini", str(args.mini),
                        "--micro", str(args.micro), "--epochs", str(args.epochs),
-                       "--response-length", str(args.response_length), "--precision", args.precision]
+                       "--response-length", str(args.response_length), "--precision", args.precision,
+                       "--lora-r", str(args.lora_r)]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -223,6 +229,12 @@ def main() -> None:
               f"{share('generate_s'):>9} {share('score_s'):>7} {share('train_s'):>7} {r['peak_rss_gb']:>12.2f}")
     by = {(r["model"], r["system"]): r for r in rows if "error" not in r}
     for model in args.models.split(","):
+        full, lora = by.get((model, "rlhfkit")), by.get((model, "rlhfkit-lora"))
+        if full and lora:
+            speed = (lora["samples"] / lora["seconds"]) / (full["samples"] / full["seconds"])
+            print(f"{model}: rlhfkit-lora (r={args.lora_r})/rlhfkit samples/s = {speed:.2f}x, peak memory "
+                  f"{lora['peak_rss_gb']:.2f} vs {full['peak_rss_gb']:.2f} GB "
+                  f"({100 * lora['peak_rss_gb'] / full['peak_rss_gb']:.0f}%)")
         for mine in ("rlhfkit", "rlhfkit-sampled"):
             for other in ("trl", "trl-eager"):
                 ours, theirs = by.get((model, mine)), by.get((model, other))

@@ -13,9 +13,9 @@ RANKS = {
     "errors": 0, "config": 0, "host_memory": 0,  # leaves: plain Python, no rlhfkit imports
     "core": 1,
     "runtime": 2,
-    "data": 3, "models": 3,
+    "data": 3, "models": 3, "track": 3,
     "rollout": 4,
-    "trainers": 5, "annotate": 5, "eval": 5,
+    "trainers": 5, "annotate": 5, "eval": 5, "label": 5, "plan": 5,  # plan: shapes and bytes, no trainers
     "config_parsing": 6, "pipeline": 6,
     "cli": 7, "__main__": 8, "__init__": 8,
 }

@@ -105,4 +105,4 @@ def test_a_pipeline_system_prompt_reaches_every_stage_and_a_section_may_override
     assert {stage_config(load_pipeline(path), s, {}).system_prompt for s in ("sft", "eval")} == {None}
     assert stage_config(load_pipeline(path, {"system_prompt": "Hi."}), "eval", {}).system_prompt == "Hi."
     assert stage_config(load_pipeline(demo_path("default"), {"output_dir": str(tmp_path)}), "ppo",
-                        {}).system_prompt == ""
+                        {}).system_prompt is None

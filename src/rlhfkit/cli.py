@@ -18,6 +18,7 @@ USAGE = """usage: rlhfkit <stage> [--config FILE.yaml] [--preset NAME] [--key va
 stages:
   sft        supervised fine-tuning on prompt/completion data (default: the embedded chatterbot corpus)
   annotate   sample K responses per prompt and rank them with a simulated annotator -> preference pairs
+             (`--annotator human`: write a labelling project for people instead, see `rlhfkit label`)
   reward     train a reward model (LM trunk + scalar head) with the Bradley-Terry loss
   ppo        fine-tune the policy with PPO against the reward model, KL-penalised to a reference
   dpo        fine-tune the policy directly on preference pairs (DPO, cDPO, IPO): no reward model, no sampling
@@ -26,8 +27,11 @@ stages:
   rloo       RLOO: REINFORCE with a leave-one-out baseline over K samples per prompt, KL in the reward
   eval       sample on held-out prompts: gold and proxy reward, KL to the reference, win rate -> eval.json
   pipeline   all of the above from one YAML file, then report.html and summary.json
+  label      people rank the responses: add-annotator, serve (a web app), export (-> preference pairs)
   demo       the pipeline on the embedded default (`--preset tiny`: a tiny model, about a minute;
              `--algos ppo,dpo,grpo`: compare fine-tuning methods)
+  plan       will it fit? memory per device and phase for a stage on given devices, and what to change
+             (`rlhfkit plan --preset tiny --stage ppo --model phi-2 --devices 5xT4`; `--help` for more)
 
 Every config field is a flag (--output-dir DIR, --data PATH, --model PATH, ...); `rlhfkit <stage> --help`
 lists them with their help. Precedence: defaults < --preset < --config < flags."""
@@ -62,8 +66,9 @@ def quiet_transformers() -> None:
 
 
 PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision auto|no|bf16]
-                        [--algos ppo,dpo,grpo,rloo]
+                        [--algos ppo,dpo,grpo,rloo] [--report-to tensorboard,mlflow,wandb,trackio]
        rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision auto|no|bf16] [--algos ...]
+                    [--report-to ...]
 
 Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.
 `--algos ppo,dpo,grpo` runs those fine-tuning stages instead (DPO on the annotated preferences, GRPO and RLOO
@@ -111,6 +116,27 @@ def run_pipeline_command(command: str, rest: list[str]):
     return run_pipeline(pipe, runner)
 
 
+def run_plan(rest: list[str]) -> None:
+    """`rlhfkit plan`: the planner (rlhfkit/plan/) reads the configs this module knows how to build."""
+    from rlhfkit.config import STAGES
+    from rlhfkit.config_parsing import build_config, parse_flags
+    from rlhfkit.pipeline import load_pipeline, stage_config
+    from rlhfkit.plan.command import PLAN_USAGE, run_plan_command
+
+    if "-h" in rest or "--help" in rest:
+        print(PLAN_USAGE)
+        return
+
+    def from_flags(stage, config_file, preset, flags):
+        return build_config(stage, config_file, preset, parse_flags(STAGES[stage], flags, "rlhfkit plan")[1])
+
+    def from_pipeline(path):
+        pipe = load_pipeline(path)
+        return {stage: stage_config(pipe, stage, {}) for stage in pipe.stages}
+
+    print(run_plan_command(rest, from_flags, from_pipeline))
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import STAGES
 
@@ -119,14 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in STAGES and command not in ("pipeline", "demo"):
-        choices = ", ".join([*STAGES, "pipeline", "demo"])
+    if command not in STAGES and command not in ("pipeline", "demo", "label", "plan"):
+        choices = ", ".join([*STAGES, "pipeline", "demo", "label", "plan"])
         print(f"rlhfkit: error: unknown command '{command}' (choose from {choices})", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()  # large tensors are reused, not page-faulted in again at every step (host_memory.py)
     started = time.perf_counter()
     try:
+        if command == "plan":
+            run_plan(rest)
+            return 0
+        if command == "label":
+            from rlhfkit.label.commands import main as label_main
+
+            return label_main(rest)
         if command in STAGES:
             out = run_stage(command, rest)
         else:

@@ -19,6 +19,11 @@ def opt(default: Any, help: str, choices: tuple | None = None):  # noqa: A002 - 
     return field(default=default, metadata=meta)
 
 
+# Names of rlhfkit.track's trackers (spelled out here so that `rlhfkit --help` imports none of them; a test checks
+# that they agree).
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared groups of fields. Stages inherit them so that every trainer spells a setting the same way.
 # --------------------------------------------------------------------------------------------------
@@ -32,8 +37,10 @@ class RunConfig:
     mixed_precision: str = opt("auto", "'auto': bf16 where the hardware runs it natively (CPUs with AVX512-BF16 "
                                "or AMX, GPUs from Ampere on), else fp32; 'bf16': forward passes under bf16 "
                                "autocast (weights and optimizer state stay fp32), about 2-3x faster than fp32 "
-                               "where native and about 100x slower where emulated; 'no': fp32. The stage prints "
-                               "its choice and config.yaml records it.", choices=("auto", "no", "bf16"))
+                               "where native and about 100x slower where emulated; 'fp16': fp16 autocast with a "
+                               "dynamic loss scaler (what 'auto' picks on GPUs without bf16: T4, V100); 'no': "
+                               "fp32. The stage prints "
+                               "its choice and config.yaml records it.", choices=("auto", "no", "bf16", "fp16"))
     trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code (off by default).")
     attn_implementation: str = opt("auto", "Attention kernels: 'eager', 'sdpa', or 'auto' (eager on the CPU, "
                                    "where it trains about 1.4x faster than sdpa's flash kernel on short "
@@ -47,6 +54,10 @@ class RunConfig:
                                  "nearest the response, is kept).")
     max_length: int = opt(256, "Prompt + response tokens kept; responses are cut from the RIGHT to fit (a cut "
                           "response loses its EOS).")
+    report_to: list[str] = opt([], "Experiment trackers that also receive the metrics, the resolved config and the "
+                               "final files, any of tensorboard, mlflow, wandb, trackio (a list, or comma-separated "
+                               "on the command line); each needs its extra, e.g. pip install \"rlhfkit[mlflow]\". "
+                               "Empty: metrics.jsonl (and a pipeline's report) only.", choices=TRACKERS)
 
 
 @dataclass
@@ -68,6 +79,19 @@ class OptimizerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    lora_r: int = opt(0, "LoRA rank (peft) of every trained model: 0 trains every weight; r > 0 freezes the base and "
+                      "trains low-rank adapters (PPO then keeps one base for policy, reference and critic).")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: an adapter adds (lora_alpha / lora_r) * B A x.")
+    lora_dropout: float = opt(0.0, "Dropout on the adapters' input (0 keeps the forward deterministic, which the "
+                              "PPO ratio and the KL assume).")
+    lora_target_modules: str = opt("all-linear", "Comma-separated names of the linear layers that get adapters "
+                                   "(e.g. q_proj,v_proj); 'all-linear': every linear layer of the trunk.")
+    merge: bool = opt(False, "With LoRA: also write the merged model (a plain HF folder) in merged/ beside the "
+                      "adapter.")
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = opt(1, "Write a metrics.jsonl row every N steps.")
     save_every: int = opt(100, "Checkpoint every N steps (0: only at the end).")
@@ -86,7 +110,7 @@ class SamplingConfig:
 
 
 @dataclass
-class TrainConfig(LoggingConfig, OptimizerConfig, RunConfig):
+class TrainConfig(LoggingConfig, LoRAConfig, OptimizerConfig, RunConfig):
     data: str | None = opt(None, "Training data: JSONL, Parquet or a `datasets` folder saved to disk.")
     eval_data: str | None = opt(None, "Held-out data; if unset, `eval_fraction` of --data is held out.")
     eval_fraction: float = opt(0.1, "Share of --data held out for evaluation when --eval-data is not given.")
@@ -133,10 +157,18 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class AnnotateConfig(SamplingConfig, RunConfig):
-    """Sample K responses per prompt, rank them with a simulated annotator, write rankings and pairs."""
+    """Sample K responses per prompt, rank them with a simulated annotator, write rankings and pairs; or, with
+    `--annotator human`, write a labelling project (DIR/labels.sqlite) for people to rank in `rlhfkit label serve`."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
                            "the chatterbot corpus prompts (training split).")
+    annotator: str = opt("simulated", "Who ranks: 'simulated' (the gold scorer with noise) or 'human' (write "
+                         "DIR/labels.sqlite for `rlhfkit label serve`; `rlhfkit label export` then writes the "
+                         "pairs).", choices=("simulated", "human"))
+    overlap: int = opt(1, "Human annotation: how many annotators rank each item (> 1 measures agreement and "
+                       "weights each pair by its share of votes).")
+    guidelines: str | None = opt(None, "Human annotation: the guidelines shown on the labelling page, as text or "
+                                 "the path of a text/Markdown file.")
     num_prompts: int = opt(256, "Prompts to annotate (0: all).")
     responses_per_prompt: int = opt(4, "K: responses sampled per prompt (K >= 2); each ranking gives K(K-1)/2 pairs.")
     batch_size: int = opt(32, "Prompts per generation batch.")
@@ -149,7 +181,7 @@ class AnnotateConfig(SamplingConfig, RunConfig):
 
 
 @dataclass
-class PPOConfig(SamplingConfig, LoggingConfig, OptimizerConfig, RunConfig):
+class PPOConfig(SamplingConfig, LoggingConfig, LoRAConfig, OptimizerConfig, RunConfig):
     """PPO (actor-critic) against a reward model, with a per-token KL penalty to a frozen reference."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
@@ -206,7 +238,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", 
 
 
 @dataclass
-class GRPOConfig(SamplingConfig, LoggingConfig, OptimizerConfig, RunConfig):
+class GRPOConfig(SamplingConfig, LoggingConfig, LoRAConfig, OptimizerConfig, RunConfig):
     """GRPO (Shao et al. 2024): K samples per prompt, group-relative advantages instead of a critic, a clipped
     surrogate and (beta > 0) a k3 KL to the reference inside the loss. Rewards come from a reward model and/or
     Python functions 'module:function' (verifiable rewards), summed with reward_weights. Defaults follow TRL's
@@ -309,12 +341,15 @@ class PipelineSettings:
     model: str = opt("embedded", "The starting policy (a local HF folder, 'embedded' or 'tiny').")
     seed: int = opt(0, "Seed of every stage.")
     mixed_precision: str = opt("auto", "Precision of every stage unless its section says otherwise (see a stage's "
-                               "--help).", choices=("auto", "no", "bf16"))
+                               "--help).", choices=("auto", "no", "bf16", "fp16"))
     gold_scorer: str = opt("vader", "The simulated annotator's judge, and the evaluation's.")
     system_prompt: str | None = opt(None, "Every stage's system turn (see a stage's --help); unset: the chat "
                                     "template's own default.")
     kl_budget: float = opt(15.0, "Nats per response; the summary checks every trained policy against it.")
     keep_checkpoints: bool = opt(False, "Keep each finished stage's checkpoints/ (optimizer state included).")
+    report_to: list[str] = opt([], "Experiment trackers of every stage unless its section says otherwise (see a "
+                               "stage's --help); the pipeline's stages form one group or experiment.",
+                               choices=TRACKERS)
     algos: str | None = opt(None, "Fine-tuning stages to run and compare instead of those in `stages`, "
                             "comma-separated (ppo,dpo,grpo,rloo); in a file, a list.")
 

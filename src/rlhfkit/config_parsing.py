@@ -45,6 +45,8 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown key '{key}'{hint}")
     hints = typing.get_type_hints(cls)
     tp, optional = _base_type(hints[key])
+    if typing.get_origin(tp) is list:
+        return _coerce_list(specs[key], key, value, where)
     from_text = isinstance(value, str) and tp is not str
     if value is None or (from_text and value.lower() in ("null", "none", "~")):
         if optional:
@@ -80,6 +82,24 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
     if choices is not None and out not in choices:
         raise ConfigError(f"{where}: key '{key}': {out!r} is not one of {', '.join(map(str, choices))}")
     return out
+
+
+def _coerce_list(spec: dataclasses.Field, key: str, value: Any, where: str) -> list[str]:
+    """A list of names (e.g. report_to): a YAML list, or comma-separated text from the command line
+    ('tensorboard,mlflow'); 'none' or '' is the empty list. Each item must be one of the field's choices."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [] if value.strip().lower() in ("", "none", "null") else [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ConfigError(f"{where}: key '{key}': expected a list of names (or comma-separated text), got {value!r}")
+    choices = spec.metadata.get("choices")
+    for item in items:
+        if choices is not None and item not in choices:
+            raise ConfigError(f"{where}: key '{key}': {item!r} is not one of {', '.join(map(str, choices))}")
+    return list(dict.fromkeys(items))  # each once, in the order given
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -158,6 +178,8 @@ def _flag_parser(*classes, prog: str):
         flag = "--" + action.dest.replace("_", "-")
         action.type = lambda text, cls=cls, key=action.dest, flag=flag: coerce(cls, key, text, flag)
         action.choices = None  # checked by coerce, with the message every source gets
+        if action.nargs == "+":  # a list field: one comma-separated value (--report-to tensorboard,mlflow)
+            action.nargs = None
         action.default = argparse.SUPPRESS  # also for HF's --no_FLAG complements, whose dest is the field's
     return parser
 
@@ -217,7 +239,7 @@ def validate(config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
                 "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "ppo_epochs", "max_bad_steps",
-                "prompts_per_step", "num_iterations")
+                "prompts_per_step", "num_iterations", "overlap")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
@@ -255,6 +277,10 @@ def validate(config) -> None:
             raise ConfigError(f"key 'dual_clip': must be > 1, got {config.dual_clip}")
     if isinstance(config, SamplingConfig) and config.temperature <= 0:
         raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
+    if getattr(config, "report_to", None):  # a tracker asked for but not installed: say so before anything runs
+        from rlhfkit.track.registry import check_installed
+
+        check_installed(config.report_to)
 
 
 def _validate_group(config) -> None:

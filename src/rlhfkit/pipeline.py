@@ -8,6 +8,7 @@
     system_prompt: ""              # optional: every stage's system turn (unset: the chat template's default)
     kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
     keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
+    report_to: [tensorboard]       # optional: experiment trackers (tensorboard, mlflow, wandb, trackio), one group
     stages: [sft, annotate, reward, ppo, eval]
     algos: [ppo, dpo, grpo]        # optional: the fine-tuning stages to run instead of those in `stages`
     sft: {max_steps: 40}           # any field of that stage's config
@@ -21,6 +22,10 @@ Stages are wired together (SFT output -> annotation model, preferences -> reward
 every fine-tuned one (ppo, dpo, grpo, rloo) on the same held-out prompts, against the starting policy, and the
 report puts them side by side and on one gold-vs-KL plot. A finished stage leaves `.done` in its folder and is skipped when the
 pipeline is run again, so an interrupted pipeline continues where it stopped.
+
+With `annotate: {annotator: human}` the annotate stage writes a labelling project for people, and the
+pipeline stops before the first stage that needs pairs (reward or dpo) until they exist: export the labels to
+`OUTPUT_DIR/annotate` (or wherever that stage's `data` points) and run the same pipeline again.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -53,6 +58,7 @@ class Pipeline:
     system_prompt: str | None = None
     kl_budget: float = 15.0
     keep_checkpoints: bool = False
+    report_to: list[str] = field(default_factory=list)  # experiment trackers of every stage, as one group
     stages: list[str] = field(default_factory=lambda: ["sft", "annotate", "reward", "ppo", "eval"])
     sections: dict[str, dict] = field(default_factory=dict)
     where: dict[str, dict] = field(default_factory=dict)  # stage -> key -> "file:line" for error messages
@@ -128,18 +134,46 @@ def check_data_files(pipe: Pipeline) -> None:
     not surface after the training stages). Files an earlier stage writes are wired in later, not named here."""
     from rlhfkit.data.loading import load_records
 
+    human = human_annotation(pipe)
     for stage in pipe.stages:
         for key in ("data", "eval_data"):
             path = pipe.sections.get(stage, {}).get(key)
+            if human and stage in PAIR_STAGES and key == "data" and path is not None and not Path(path).exists():
+                continue  # the export of people's labels, made while the pipeline waits (run_pipeline)
             if path is not None:
                 load_records(str(path), SECTION_DATA_KINDS[stage])
+
+
+PAIR_STAGES = ("reward", "dpo")  # the stages that train on the annotated preference pairs
+
+
+def human_annotation(pipe: Pipeline) -> bool:
+    """True when people rank the samples (`annotate: {annotator: human}`): the pipeline then stops after
+    sampling, and continues on a later run once the labels are exported."""
+    return "annotate" in pipe.stages and stage_config(pipe, "annotate", {}).annotator == "human"
+
+
+def waiting_for_labels(pipe: Pipeline, stage: str, config) -> bool:
+    """Before a stage that trains on pairs, with people annotating: True (and say what to do) when the
+    exported pairs are not there yet."""
+    if stage not in PAIR_STAGES or not human_annotation(pipe) or Path(config.data).exists():
+        return False
+    annotate = stage_config(pipe, "annotate", {"output_dir": str(pipe.output_dir / "annotate")})
+    project = Path(annotate.output_dir) / "labels.sqlite"
+    print(f"""pipeline: waiting for people's labels before {stage}: {project} holds the samples to rank.
+  rlhfkit label add-annotator {project} NAME     # once per person; prints their token
+  rlhfkit label serve {project}
+  rlhfkit label export {project} --output-dir {Path(config.data).parent}
+then run this pipeline again: it skips the finished stages and trains {stage} on {config.data}.""")
+    return True
 
 
 def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = None):
     """A stage's config: pipeline-wide settings, then the wiring, then the user's section (which wins)."""
     cls = STAGES[stage]
     fields = {f for f in cls.__dataclass_fields__}
-    values = {"model": pipe.model, "seed": pipe.seed, "mixed_precision": pipe.mixed_precision}
+    values = {"model": pipe.model, "seed": pipe.seed, "mixed_precision": pipe.mixed_precision,
+              "report_to": list(pipe.report_to)}
     if "gold_scorer" in fields:
         values["gold_scorer"] = pipe.gold_scorer
     if pipe.system_prompt is not None:  # None: each stage keeps its own (by default the template's)
@@ -155,8 +189,18 @@ def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = 
     return config
 
 
-def run_pipeline(pipe: Pipeline, runner) -> Path:
-    """Run every stage of `pipe`; `runner(stage)` gives the function that runs a stage's config (the CLI's)."""
+def run_pipeline(pipe: Pipeline, runner) -> Path | None:
+    """Run every stage of `pipe`; `runner(stage)` gives the function that runs a stage's config (the CLI's).
+    Returns None when it stopped to wait for people's labels (`annotate: {annotator: human}`).
+    With `report_to`, the stages are tracked as one group (rlhfkit.track.stage.pipeline_tracking)."""
+    from rlhfkit.track.stage import pipeline_tracking
+
+    settings = json.loads(json.dumps(asdict(pipe), default=str))
+    with pipeline_tracking(pipe.output_dir, pipe.report_to, settings):
+        return _run_stages(pipe, runner)
+
+
+def _run_stages(pipe: Pipeline, runner) -> Path | None:
     out = pipe.output_dir
     policy0 = str(out / "sft") if "sft" in pipe.stages else pipe.model
     wiring = {
@@ -189,6 +233,8 @@ def run_pipeline(pipe: Pipeline, runner) -> Path:
         if done.exists():
             print(f"pipeline: {name} already done ({config.output_dir}); skipping")
             continue
+        if waiting_for_labels(pipe, stage, config):
+            return None
         if stage == "eval" and name != "eval-sft" and (out / "eval" / "sft" / "reference.json").exists():
             # The reference's samples depend on the reference alone: sampled once, by the first evaluation.
             config.reference_samples = str(out / "eval" / "sft")
@@ -198,6 +244,8 @@ def run_pipeline(pipe: Pipeline, runner) -> Path:
         started = time.perf_counter()
         runner(stage)(config)
         timings[name] = time.perf_counter() - started
+        if stage == "eval":
+            _card_with_evaluation(name.removeprefix("eval-"), Path(config.output_dir), jobs)
         # Made only now: a stage that refuses its input must leave no folder behind (each stage makes its own).
         out.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timings, indent=2))
@@ -211,6 +259,16 @@ def run_pipeline(pipe: Pipeline, runner) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, pipe.kl_budget, timings, order=("sft", *ALGOS))
     return out
+
+
+def _card_with_evaluation(policy: str, eval_dir: Path, jobs: list) -> None:
+    """Write the evaluated policy's model card again, now with its evaluation (when this pipeline trained it)."""
+    from rlhfkit.runtime.model_card import write_model_card
+
+    trained = {name: config for name, stage, config in jobs if stage == name and stage != "eval"}
+    config = trained.get(policy)
+    if config is not None and (eval_dir / "eval.json").is_file() and Path(config.output_dir, "README.md").is_file():
+        write_model_card(Path(config.output_dir), config, policy, json.loads((eval_dir / "eval.json").read_text()))
 
 
 def demo_path(preset: str | None) -> Path:

@@ -10,7 +10,7 @@ from rlhfkit.models.tiny import build_tiny_model
 
 from ..trainers.helpers import tiny_config, write_jsonl
 
-KEYS = ("gold_reward", "kl_to_reference", "win_rate_vs_reference", "response_length", "proxy_reward")
+KEYS = ("gold_reward", "kl_exact", "kl_to_reference", "win_rate_vs_reference", "response_length", "proxy_reward")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,11 @@ def test_eval_writes_means_intervals_and_samples(tmp_path, other_model):
         lo, hi = result[f"{key}_ci95"]
         assert lo <= result[f"{key}_mean"] <= hi, key
     # Samples come from the policy, so the summed log-ratio estimates KL(policy || ref) > 0 for a different ref.
-    assert result["kl_to_reference_mean"] > 1.0
+    assert result["kl_to_reference_mean"] > 1.0 and result["kl_exact_mean"] > 1.0
     assert 0.0 <= result["win_rate_vs_reference_mean"] <= 1.0
     assert 1 <= result["response_length_mean"] <= 8
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 12 and {"prompt", "response", "gold", "kl", "reference_response", "proxy"} <= set(samples[0])
+    assert len(samples) == 12 and {"prompt", "response", "gold", "kl", "kl_exact", "reference_response", "proxy"} <= set(samples[0])
     assert samples[0]["prompt"] == samples[1]["prompt"] == "Tell me about a"
 
 

@@ -44,3 +44,18 @@ def test_intervals_apart():
     a = {"gold_reward_ci95": [0.3, 0.5]}
     assert intervals_apart(a, {"gold_reward_ci95": [0.1, 0.29]})
     assert not intervals_apart(a, {"gold_reward_ci95": [0.1, 0.31]})
+
+
+def test_exact_kl_is_the_headline_and_the_budget_check(tmp_path):
+    """The KL budget is checked against the exact KL; the sampled k1 estimate sits beside it in the table. Here
+    the sampled mean (noisy, can be negative) is under the budget while the exact KL is over it."""
+    fake_eval(tmp_path / "eval" / "sft", 0.2, [0.15, 0.25], 0.0)
+    fake_eval(tmp_path / "eval" / "ppo", 0.5, [0.42, 0.58], -0.03)
+    result = json.loads((tmp_path / "eval" / "ppo" / "eval.json").read_text())
+    result.update({"kl_exact_mean": 6.0, "kl_exact_ci95": [5.5, 6.5]})
+    (tmp_path / "eval" / "ppo" / "eval.json").write_text(json.dumps(result))
+    summary = build_summary(tmp_path, kl_budget=5.0, timings={}, order=ORDER)
+    assert summary["checks"]["ppo_kl_within_budget"] is False
+    page = write_report(tmp_path, 5.0, {}, ORDER).read_text()
+    assert "KL to reference (nats)</td><td>&ndash;</td><td>6.000" in page  # sft's old eval.json has no exact KL
+    assert "KL, sampled k1 estimate (as in training)</td><td>0.000" in page and "-0.030" in page

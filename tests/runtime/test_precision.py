@@ -61,9 +61,12 @@ def test_cuda_uses_the_gpu_probe(monkeypatch, cpu_bf16):
     monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda: True)
     assert choose_precision("auto", "cuda").mode == "bf16"
     assert choose_precision("auto", "cpu").mode == "no"
-    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda: False)  # T4, V100
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda: False)  # T4, V100: fp16 with a loss scaler
     choice = choose_precision("auto", "cuda")
-    assert choice.mode == "no" and "this GPU has no native bf16" in choice.reason
+    assert choice.mode == "fp16" and "this GPU has no native bf16" in choice.reason
+    assert "dynamic loss scaler" in choice.describe()
+    assert choose_precision("auto", "cpu").mode == "no"  # the CPU never gets fp16 unasked
+    assert choose_precision("fp16", "cpu").mode == "fp16"
 
 
 def test_the_cpu_probe_is_onednns_own_check():
@@ -71,8 +74,8 @@ def test_the_cpu_probe_is_onednns_own_check():
 
 
 def test_unknown_modes_are_refused():
-    with pytest.raises(ValueError, match="auto, no, bf16"):
-        choose_precision("fp16")
+    with pytest.raises(ValueError, match="auto, no, bf16, fp16"):
+        choose_precision("fp8")
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         autocast("auto")
 
@@ -123,8 +126,8 @@ def test_a_pipeline_file_with_an_unknown_precision_is_refused(tmp_path):
     from rlhfkit.pipeline import load_pipeline
 
     path = tmp_path / "pipe.yaml"
-    path.write_text("output_dir: out\nmodel: tiny\nmixed_precision: fp16\nstages: [sft]\n")
-    with pytest.raises(ConfigError, match=r"pipe.yaml:3: key 'mixed_precision': 'fp16' is not one of auto, no, bf16"):
+    path.write_text("output_dir: out\nmodel: tiny\nmixed_precision: fp8\nstages: [sft]\n")
+    with pytest.raises(ConfigError, match=r"pipe.yaml:3: key 'mixed_precision': 'fp8' is not one of auto, no, bf16, fp16"):
         load_pipeline(path)
 
 
@@ -146,3 +149,35 @@ def test_on_a_cpu_with_native_bf16_auto_runs_bf16_close_to_fp32(tiny_model, toke
     scale = float(full.abs().max())
     assert float((half - full).abs().max()) <= 2 ** -8 * 16 * max(scale, 1.0)
     assert not torch.equal(half, full)  # it really ran in bf16
+
+
+def test_the_loss_scaler_skips_an_overflow_halves_its_scale_and_passes_through_otherwise():
+    from rlhfkit.runtime.precision import LossScaler
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = LossScaler("fp16")
+    assert scaler.active and scaler.scale == 65536.0
+    scaler.backward((weight * torch.tensor([1e-6, 2e-6])).sum())
+    assert weight.grad.tolist() == pytest.approx([65536e-6, 131072e-6])  # scaled: fp16 would keep these
+    scaler.unscale(optimizer)
+    assert weight.grad.tolist() == pytest.approx([1e-6, 2e-6])  # true-sized before clipping and the step
+    assert not scaler.overflowed(float(weight.grad.norm()))
+    scaler.step(optimizer)
+    scaler.update()
+    assert weight.tolist() == pytest.approx([1.0 - 1e-7, 2.0 - 2e-7])
+    optimizer.zero_grad()
+    scaler.backward((weight * float("inf")).sum())  # an overflow: no step, the scale halves
+    scaler.unscale(optimizer)
+    assert scaler.overflowed(float(weight.grad.norm()))
+    scaler.update()
+    assert scaler.scale == 32768.0
+    state = scaler.state_dict()
+    again = LossScaler("fp16")
+    again.load_state_dict(state)
+    assert again.scale == 32768.0
+    plain = LossScaler("no")  # fp32 and bf16: nothing is scaled
+    optimizer.zero_grad()
+    plain.backward((weight * 3.0).sum())
+    plain.unscale(optimizer)
+    assert weight.grad.tolist() == [3.0, 3.0] and not plain.overflowed(float("inf")) and plain.scale == 1.0

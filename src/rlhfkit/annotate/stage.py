@@ -1,6 +1,7 @@
 """The `annotate` stage: sample K responses per prompt, rank them with the simulated annotator, write
 `rankings.jsonl` (the annotator's output), `preferences.jsonl` (all ordered pairs, what the reward model
-trains on) and, apart, `gold_scores.jsonl` (for analysis only; no trainer reads it)."""
+trains on) and, apart, `gold_scores.jsonl` (for analysis only; no trainer reads it). With `annotator: human`
+the samples go into a labelling project, `labels.sqlite`, for people to rank instead (annotate/human.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 import torch
 
 from rlhfkit.eval.gold import load_gold_scorer
+from rlhfkit.annotate.human import check_project_free, guidelines_text, write_project
 from rlhfkit.annotate.labels import noisy_ranking, ranking_pairs
 from rlhfkit.config import AnnotateConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
@@ -31,11 +34,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@tracked("annotate")
 def run_annotate(config: AnnotateConfig) -> Path:
     resolve_precision(config)
     out = Path(config.output_dir or "runs/annotate")
     records = prompt_records(config.data, "train", config.num_prompts)
-    scorer = load_gold_scorer(config.gold_scorer)
+    human = config.annotator == "human"
+    if human:  # checked before any sampling: a project may hold people's work; a guidelines file must exist
+        check_project_free(out)
+        guidelines = guidelines_text(config.guidelines)
+    scorer = None if human else load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
@@ -55,6 +63,13 @@ def run_annotate(config: AnnotateConfig) -> Path:
                                    precision=config.mixed_precision)
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
     generate_s = time.perf_counter() - started
+    if human:
+        write_project(config, out, records, texts, guidelines, {
+            "prompts": len(records), "responses": len(texts),
+            "ended_with_eos": sum(s.ended for s in samples) / max(len(samples), 1),
+            "response_tokens_mean": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
+            "time/generate_s": generate_s, "time/total_s": time.perf_counter() - started})
+        return out
 
     gold = scorer([prompt_text(r["prompt"]) for r in records for _ in range(k)], texts)
     rng = random.Random(config.seed)

@@ -14,15 +14,30 @@ i.e. ``log r = logq - logp``:
 
 ``k3`` is unbiased because ``E_p[r - 1] = sum_x q(x) - 1 = 0``. ``abs = |logp - logq|`` is also offered,
 as OpenRLHF and TRL do; it is a biased, non-negative penalty rather than an estimator of the KL.
+
+Where both models' full next-token distributions are at hand (the evaluation scores every response position
+with both), the per-token KL need not be estimated: :func:`exact_token_kl` sums over the vocabulary,
+
+    KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v)) >= 0       (Cover & Thomas, "Elements of Information
+                                                              Theory", 2nd ed., eq. 2.26 and thm. 2.6.3)
+
+and :func:`exact_sequence_kl` adds it over a response. By the chain rule of the KL (ibid., thm. 2.5.3), the
+expectation over responses y ~ pi of sum_t KL_t is the sequence-level KL(pi || pi_ref), the same quantity that
+the summed k1 estimates; it is never negative and has a smaller variance (only the path y is random).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["KL_ESTIMATORS", "kl_penalty"]
+__all__ = ["KL_ESTIMATORS", "exact_sequence_kl", "exact_token_kl", "kl_penalty"]
+
+# Upper bound on the elements of one chunk of positions x vocabulary in exact_sequence_kl (2**22 float32 = 16 MiB per
+# temporary): rows per chunk = this // V. A module constant so that tests can shrink it to exercise several chunks.
+_CHUNK_ELEMENTS = 2**22
 
 
 def _k1(log_ratio: torch.Tensor, max_log_ratio: float | None) -> torch.Tensor:
@@ -90,3 +105,69 @@ def kl_penalty(
     if max_log_ratio is not None and not max_log_ratio > 0:
         raise ValueError(f"max_log_ratio must be > 0 or None, got {max_log_ratio}")
     return KL_ESTIMATORS[estimator](logprobs - ref_logprobs, max_log_ratio)
+
+
+def exact_token_kl(policy: torch.Tensor, ref: torch.Tensor, temperature: float = 1.0,
+                   logprobs: bool = False) -> torch.Tensor:
+    """Exact ``KL(p || q) = sum_v p(v) (log p(v) - log q(v))`` at each position, over the whole vocabulary.
+
+    Args:
+        policy, ref: ``(..., V)`` logits (or, with ``logprobs=True``, normalised log-probs) of the policy and the
+            reference at the same positions. Computed in float32 (float64 stays float64).
+        temperature: > 0; both distributions are ``softmax(logits / temperature)``, the distributions the
+            samples are drawn from and scored at (``rollout.scoring.response_logprobs`` divides the same way).
+            Ignored with ``logprobs=True``: log-probs already are at their temperature. With ``top_p < 1`` the
+            sampler draws from a truncated distribution; this is the KL of the untruncated ones.
+        logprobs: the inputs already are ``log_softmax(logits / temperature)``; skips the normalisation.
+
+    Returns:
+        ``(...)`` per-position KL in nats, >= 0 (a rounding error below 0 is clamped to 0); +inf where the
+        reference gives probability 0 to a token the policy can draw.
+    """
+    if policy.shape != ref.shape:
+        raise ValueError(f"policy {tuple(policy.shape)} and ref {tuple(ref.shape)} shapes differ")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    logp, logq = policy.to(dtype), ref.to(dtype)
+    if not logprobs:
+        logp = torch.log_softmax(logp / temperature, dim=-1)
+        logq = torch.log_softmax(logq / temperature, dim=-1)
+    terms = (logp - logq).mul_(logp.exp())
+    # p log(p / q) is 0 where p = 0, but 0 * (-inf) there comes out NaN: set it to 0. Where p > 0 and q = 0 the
+    # term is +inf, and stays so.
+    terms.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+def exact_sequence_kl(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                      logprobs: bool = False) -> torch.Tensor:
+    """Exact KL of each response: ``sum_t mask[b, t] * sum_v p_bt(v) log(p_bt(v) / q_bt(v))``.
+
+    Args:
+        policy, ref: ``(B, T, V)`` logits (or normalised log-probs, ``logprobs=True``) predicting each response
+            token, from the policy and the reference; ``V`` may be a 49k-150k vocabulary.
+        mask: ``(B, T)`` 1 at the response's real tokens, 0 at padding; masked positions are never read into the
+            sum (their logits may be garbage, even NaN).
+        temperature: as in :func:`exact_token_kl`.
+
+    Returns:
+        ``(B,)`` summed KL per response, nats, >= 0, in float32 (float64 for float64 inputs).
+
+    Only the masked positions are computed, a chunk of rows at a time (``_CHUNK_ELEMENTS // V`` rows), so the
+    temporaries of the softmax are one chunk, never another ``(B, T, V)`` tensor.
+    """
+    if policy.dim() != 3 or policy.shape != ref.shape or mask.shape != policy.shape[:2]:
+        raise ValueError(f"expected (B, T, V) policy and ref and a (B, T) mask, got {tuple(policy.shape)}, "
+                         f"{tuple(ref.shape)} and {tuple(mask.shape)}")
+    B, T, V = policy.shape
+    dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    flat_p, flat_q = policy.reshape(B * T, V), ref.reshape(B * T, V)
+    positions = mask.reshape(-1).bool().nonzero().squeeze(1)  # (N,) flat indices of the real tokens
+    total = torch.zeros(B, dtype=dtype, device=policy.device)
+    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    for start in range(0, positions.numel(), step):
+        rows = positions[start:start + step]
+        kl = exact_token_kl(flat_p.index_select(0, rows), flat_q.index_select(0, rows), temperature, logprobs)
+        total.index_add_(0, torch.div(rows, T, rounding_mode="floor"), kl)
+    return total

@@ -4,9 +4,14 @@ For every prompt, `samples_per_prompt` responses are sampled from the policy and
 Reported, each as a mean with a 95% interval computed over prompts (samples of one prompt are correlated):
 - gold_reward: the gold scorer's score of the policy's responses;
 - proxy_reward: the reward model's score (when a reward model is given);
-- kl_to_reference: sum over response tokens of log pi(y_t) - log pi_ref(y_t), for y ~ pi: an unbiased
-  estimate of the sequence-level KL(pi || pi_ref) in nats, both at the sampling temperature (with top_p < 1
-  the samples come from a truncated distribution and the estimate is biased; keep top_p = 1 to measure KL);
+- kl_exact: sum over response positions of the exact per-token KL(pi_t || pi_ref_t) = sum_v pi_t(v) log(pi_t(v) /
+  pi_ref_t(v)) over the whole vocabulary (core.kl.exact_token_kl), at the sampling temperature: never negative,
+  and its mean over y ~ pi is the sequence-level KL(pi || pi_ref) in nats (the chain rule of the KL), with less
+  variance than the sampled estimate below. The headline KL of the report and the pipeline's KL budget;
+- kl_to_reference: sum over response tokens of log pi(y_t) - log pi_ref(y_t), for y ~ pi: the sampled (k1)
+  estimate of the same KL, as training logs it (`objective/kl`); unbiased but noisy, and negative on some
+  responses. Both at the sampling temperature (with top_p < 1 the samples come from a truncated distribution,
+  which neither accounts for; keep top_p = 1 to measure KL);
 - win_rate_vs_reference: policy sample i against reference sample i of the same prompt, judged by the gold
   scorer, ties counting one half. The reference's samples are drawn from their own seed (seed + 1), so they
   do not depend on the policy: a pipeline samples them once and its other evaluations reuse them
@@ -23,6 +28,7 @@ import torch
 
 from rlhfkit.eval.gold import load_gold_scorer
 from rlhfkit.config import EvalConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.stats import mean_ci95, win_rate
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
@@ -31,7 +37,7 @@ from rlhfkit.runtime.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.generate import sample_responses
-from rlhfkit.rollout.scoring import RewardScorer, response_logprobs
+from rlhfkit.rollout.scoring import RewardScorer, response_logprobs_and_kl
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
@@ -45,7 +51,7 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
     """Samples of `policy` with their KL to `ref` (None: no KL, no scoring pass) and proxy scores, in batches."""
     from tqdm.auto import tqdm
 
-    out = {"texts": [], "kl": [], "proxy": [], "length": [], "ended": []}
+    out = {"texts": [], "kl": [], "kl_exact": [], "proxy": [], "length": [], "ended": []}
     starts = range(0, len(prompt_ids), config.batch_size)
     for start in tqdm(starts, desc="eval", unit="batch", disable=not config.progress, dynamic_ncols=True):
         ids, recs = prompt_ids[start:start + config.batch_size], records[start:start + config.batch_size]
@@ -55,10 +61,14 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
                                     tokenizer.pad_token_id)
         texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         mask = batch.response_mask
-        if ref is not None:
-            logp, _ = response_logprobs(policy, batch, config.temperature)
-            logq, _ = response_logprobs(ref, batch, config.temperature) if ref is not policy else (logp, None)
+        if ref is policy:  # KL of a model to itself: 0, without a scoring pass
+            out["kl"] += [0.0] * len(samples)
+            out["kl_exact"] += [0.0] * len(samples)
+        elif ref is not None:
+            # One forward of each model gives the sampled tokens' log-probs and the exact per-token KL.
+            logp, logq, kl_exact = response_logprobs_and_kl(policy, ref, batch, config.temperature)
             out["kl"] += torch.where(mask.bool(), logp - logq, torch.zeros_like(logp)).sum(1).tolist()
+            out["kl_exact"] += kl_exact.sum(1).tolist()
         out["length"] += mask.sum(1).tolist()
         out["ended"] += batch.ended.tolist()
         out["texts"] += texts
@@ -100,6 +110,7 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)
 
 
+@tracked("eval")
 def run_eval(config: EvalConfig) -> Path:
     resolve_precision(config)
     out = Path(config.output_dir or "runs/eval")
@@ -119,6 +130,10 @@ def run_eval(config: EvalConfig) -> Path:
     # eval's responses are not bounded by max_length: a prompt and max_new_tokens must fit.
     for loaded in [policy, ref] + ([rm] if reward is not None else []):
         check_fits_context(loaded, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
+    sizes = {m.get_output_embeddings().weight.shape[0] for m in (policy, ref)}
+    if len(sizes) > 1:  # the exact KL sums over one vocabulary
+        raise ConfigError(f"ref_model: {config.ref_model}: its vocabulary ({max(sizes)} or {min(sizes)} tokens) "
+                          f"differs from the policy's {config.model}; KL needs one vocabulary")
     k = config.samples_per_prompt
     repeated = [r for r in records for _ in range(k)]
     key = _reference_key(config, repeated)
@@ -142,14 +157,15 @@ def run_eval(config: EvalConfig) -> Path:
     prompts = [prompt_text(r["prompt"]) for r in repeated]
     gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])
 
-    metrics = {"gold_reward": _per_prompt(gold_ours, k), "kl_to_reference": _per_prompt(ours["kl"], k),
+    metrics = {"gold_reward": _per_prompt(gold_ours, k), "kl_exact": _per_prompt(ours["kl_exact"], k),
+               "kl_to_reference": _per_prompt(ours["kl"], k),
                "win_rate_vs_reference": _per_prompt(win_rate(torch.tensor(gold_ours), torch.tensor(gold_theirs)).tolist(), k),
                "response_length": _per_prompt(ours["length"], k),
                "ended_with_eos": _per_prompt([float(e) for e in ours["ended"]], k),
                "reference_gold_reward": _per_prompt(gold_theirs, k)}
     if reward is not None:
         metrics["proxy_reward"] = _per_prompt(ours["proxy"], k)
-    result = {"model": str(config.model), "ref_model": str(config.ref_model or config.model),
+    result = {"model": str(config.model), "ref_model": str(config.ref_model or config.model), "data": config.data,
               "reward_model": config.reward_model, "gold_scorer": config.gold_scorer,
               "n": len(repeated), "n_prompts": len(records), "samples_per_prompt": k}
     for name, values in metrics.items():
@@ -162,7 +178,7 @@ def run_eval(config: EvalConfig) -> Path:
     with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:
         for i, record in enumerate(repeated):
             row = {"prompt": record["prompt"], "response": ours["texts"][i], "gold": gold_ours[i],
-                   "kl": ours["kl"][i], "reference_response": theirs["texts"][i],
+                   "kl": ours["kl"][i], "kl_exact": ours["kl_exact"][i], "reference_response": theirs["texts"][i],
                    "reference_gold": gold_theirs[i]}
             if reward is not None:
                 row["proxy"] = ours["proxy"][i]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.models import lora
 from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 # Special names accepted wherever a model folder is expected.
@@ -42,7 +43,7 @@ def resolve_model_path(name_or_path: str | None) -> Path:
     if not path.is_dir():
         raise UserError(f"{path}: model folder not found (give a local folder with config.json, "
                         f"or '{EMBEDDED}' / '{TINY}'; nothing is downloaded)")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / lora.ADAPTER_CONFIG).is_file():
         raise UserError(f"{path}: not a model folder: config.json is missing")
     return path
 
@@ -117,6 +118,9 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(None if path is None else str(path))
+    if lora.is_adapter_folder(folder):  # a LoRA stage's output: its base with the adapter merged in
+        base = load_causal_lm(lora.adapter_base(folder), dtype, trust_remote_code, attn_implementation)
+        return merge_adapter(base, folder)
     check_model_folder(folder, trust_remote_code)
     try:
         # Mismatched shapes are loaded (randomly initialised) rather than raised with transformers' vague
@@ -128,6 +132,16 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
     except load_errors() as exc:
         raise UserError(f"{folder}: cannot load the model: {first_line(exc)}") from exc
     check_loaded_weights(folder, info)
+    disable_dropout(model)
+    return model
+
+
+def merge_adapter(base, folder: Path):
+    """`base` with the LoRA adapter of `folder` merged in (W + (alpha/r) B A): a plain model of its class."""
+    try:
+        model = lora.merge_adapter_folder(base, folder)
+    except (*load_errors(), KeyError) as exc:
+        raise UserError(f"{folder}: cannot apply the LoRA adapter: {first_line(exc)}") from exc
     disable_dropout(model)
     return model
 

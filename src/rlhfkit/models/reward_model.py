@@ -15,8 +15,9 @@ import torch
 
 from rlhfkit.core.positions import last_token_index
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import (attention_kernel, disable_dropout, first_line, load_errors, resolve_model_path,
-                                   torch_dtype)
+from rlhfkit.models import lora
+from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, first_line, load_errors,
+                                   resolve_model_path, torch_dtype)
 from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 
@@ -26,6 +27,9 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
     from transformers import AutoModelForSequenceClassification
 
     folder = resolve_model_path(None if path is None else str(path))
+    if lora.is_adapter_folder(folder):  # trained with LoRA: the base's trunk, adapter and score head merged
+        base = load_reward_model(lora.adapter_base(folder), pad_token_id, dtype, trust_remote_code, attn_implementation)
+        return merge_adapter(base, folder)
     check_model_folder(folder, trust_remote_code)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(

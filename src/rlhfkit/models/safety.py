@@ -67,8 +67,10 @@ def require_safetensors(folder: Path) -> None:
 
 
 def check_model_folder(folder: Path, trust_remote_code: bool, need_weights: bool = True) -> None:
-    """Everything above, before transformers opens a file of `folder`."""
-    read_json_file(folder / "config.json")
+    """Everything above, before transformers opens a file of `folder` (a model folder, or a LoRA adapter folder
+    written by a stage trained with --lora-r, which names its base in adapter_config.json)."""
+    adapter = not (folder / "config.json").exists() and (folder / "adapter_config.json").is_file()
+    read_json_file(folder / ("adapter_config.json" if adapter else "config.json"))
     refuse_remote_code(folder, trust_remote_code)
     if need_weights:
         require_safetensors(folder)

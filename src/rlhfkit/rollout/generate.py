@@ -172,7 +172,8 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     samples = []
     starts = range(0, len(prompts), batch_size)
-    weights = bf16_weights(model) if precision == "bf16" else contextlib.nullcontext()
+    # A role (models/roles.py) samples through its shared base: every weight of that base goes to bf16.
+    weights = bf16_weights(getattr(model, "shared_base", model)) if precision == "bf16" else contextlib.nullcontext()
     with _decoding_attention(model), weights:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]

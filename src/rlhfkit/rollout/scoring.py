@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.core import kl as kl_math
 from rlhfkit.core.head_logprobs import head_logprobs
+from rlhfkit.core.kl import exact_token_kl
 from rlhfkit.core.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhfkit.data.collate import left_pad
 from rlhfkit.data.tokenize import tokenize_prompt
@@ -90,6 +92,53 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
     distributions. Both are differentiable when grad is enabled, and 0 after the end of a response."""
     return tail_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.responses,
                          temperature, with_entropy, mask=batch.response_mask)
+
+
+@torch.no_grad()
+def response_logprobs_and_kl(policy, ref, batch: RolloutBatch,
+                             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For evaluation (no grad): log pi(r_t), log pi_ref(r_t) and the exact KL(pi_t || pi_ref_t) over the whole
+    vocabulary (core.kl.exact_token_kl) at each response position, all (B, R) float32 and 0 after a response ends.
+
+    One trunk forward per model, as two `response_logprobs` calls would take; both LM heads then run in fp32 on
+    one chunk of response positions at a time, and each chunk's two log-softmaxes give the sampled tokens'
+    log-probs and the KL, so no (B, R, V) tensor is kept (the models whose logits are more than the head,
+    `has_own_logit_path`, return them whole from their own forward)."""
+    R = batch.responses.shape[1]
+    mask = batch.response_mask.bool()
+    where = mask.nonzero(as_tuple=True)
+    labels = batch.responses[where]  # (N,)
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids)
+
+    def rows_source(model):  # a function: a slice of the N response positions -> model's fp32 logits there
+        if has_own_logit_path(model):
+            logits = tail_logits(model, *args, R)[where]
+            return lambda rows: logits[rows]
+        hidden = _tail_hidden(model, *args, R)[where]
+        return lambda rows: lm_head_logits(model, hidden[rows])
+
+    policy_rows, ref_rows = rows_source(policy), rows_source(ref)
+    n = labels.shape[0]
+    logp, logq, kl = (torch.zeros(n, dtype=torch.float32, device=labels.device) for _ in range(3))
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    step = max(1, kl_math._CHUNK_ELEMENTS // max(vocab, 1))  # rows per chunk, as core.kl.exact_sequence_kl
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            lp, lq = (torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+                      for logits in (policy_rows(rows).float(), ref_rows(rows).float()))
+            if lp.shape[-1] != lq.shape[-1]:
+                raise ValueError(f"policy and reference vocabularies differ ({lp.shape[-1]} and {lq.shape[-1]} "
+                                 f"logits): no KL between them")
+            index = labels[rows].unsqueeze(1)
+            logp[rows] = lp.gather(1, index).squeeze(1)
+            logq[rows] = lq.gather(1, index).squeeze(1)
+            kl[rows] = exact_token_kl(lp, lq, logprobs=True)
+
+    def spread(values):  # (N,) -> (B, R), zeros after each response
+        return values.new_zeros(mask.shape).index_put(where, values)
+
+    return spread(logp), spread(logq), spread(kl)
 
 
 def response_values(critic, batch: RolloutBatch) -> torch.Tensor:

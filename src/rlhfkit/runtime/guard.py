@@ -23,6 +23,11 @@ class NonFiniteGuard:
         self.in_a_row = 0 if finite else self.in_a_row + 1
         return finite
 
+    def overflow(self) -> None:
+        """An fp16 update skipped because its scaled gradient overflowed: counted with the skipped updates, but
+        not towards a stop (the loss scaler lowers its scale and the next update is expected to be finite)."""
+        self.skipped += 1
+
     @property
     def exhausted(self) -> bool:
         """Too many bad updates in a row: the run should stop (with its checkpoints intact)."""

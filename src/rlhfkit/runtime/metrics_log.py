@@ -5,7 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+# Called with (path of the log, row) after every row written: how experiment trackers (rlhfkit.track) see the
+# metrics of any stage without the stages knowing them. Registered with `listening`.
+_LISTENERS: list[Callable[[Path, dict], None]] = []
+
+
+@contextmanager
+def listening(listener: Callable[[Path, dict], None]) -> Iterator[None]:
+    """Call `listener(path, row)` for every row any MetricsLog writes inside the block."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 
 def _plain(value):
@@ -47,8 +63,11 @@ class MetricsLog:
             self.path.unlink()
 
     def write(self, row: dict) -> None:
+        plain = {k: _plain(v) for k, v in row.items()}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+            handle.write(json.dumps(plain) + "\n")
+        for listener in list(_LISTENERS):
+            listener(self.path, plain)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -13,15 +13,18 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import DPOConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.dpo import dpo_loss, sequence_logps
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.precision import store_linears_in_bf16
+from rlhfkit.models.roles import Role
+from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
-from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
@@ -80,6 +83,7 @@ def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict
     return {key.removeprefix("dpo/"): value / max(seen, 1) for key, value in totals.items()}
 
 
+@tracked("dpo")
 def run_dpo(config: DPOConfig) -> Path:
     resolve_precision(config)
     out = resolve_output_dir(config, "dpo")
@@ -89,13 +93,18 @@ def run_dpo(config: DPOConfig) -> Path:
                                          config.use_chat_template, config.system_prompt) for r in records]
                     for records in (train_records, eval_records)]
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    with_lora(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
-    ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
-                         config.attn_implementation)
-    ref.requires_grad_(False).eval()
+    if uses_lora(config) and config.ref_model in (None, config.model):
+        # The reference is the same base with the adapter off: no second model in memory.
+        model, ref = Role(model, "default"), Role(model, None)
+    else:
+        ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
+                             config.attn_implementation)
+        ref.requires_grad_(False).eval()
     for loaded in (model, ref):
         check_fits_context(loaded, config.max_length, "max_length")
-    if config.mixed_precision == "bf16":  # the reference runs only under autocast
+    if config.mixed_precision == "bf16" and not isinstance(ref, Role):  # the reference runs only under autocast
         store_linears_in_bf16(ref)
     prepare_output_dir(out, config)
 
@@ -119,7 +128,11 @@ def run_dpo(config: DPOConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=loss_fn,
         units=lambda batch: batch["input_ids"].shape[0] // 2,
-        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_dpo(model, ref, evals, collate, config)) if evals else None)
     run_supervised(task, config, out, "dpo")
+    if uses_lora(config) and config.merge:
+        write_merged(out, tokenizer, lambda: load_causal_lm(config.model, config.dtype, config.trust_remote_code,
+                                                             config.attn_implementation))
     return out

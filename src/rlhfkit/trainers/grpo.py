@@ -17,11 +17,13 @@ in config defaults (see config.GRPOConfig and config.RLOOConfig), so one class r
 from __future__ import annotations
 
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config import GRPOConfig, RLOOConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.group_advantages import GROUP_ADVANTAGES
 from rlhfkit.core.grpo_loss import grpo_policy_loss
 from rlhfkit.core.kl import kl_penalty
@@ -30,8 +32,6 @@ from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs
-from rlhfkit.runtime.checkpoint import load_model_weights
-from rlhfkit.runtime.precision import autocast_paused
 from rlhfkit.trainers.grpo_models import GroupModels, load_group_models
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
 from rlhfkit.trainers.rl_loop import RLAlgorithm, run_rl
@@ -125,9 +125,10 @@ def group_advantages(exp: Experience, names: list[str], config: GRPOConfig) -> d
 
 
 # 4. the loss of one micro-batch ----------------------------------------------------------------------------
-def micro_batch_loss(models: GroupModels, sub, idx, exp: Experience, normaliser, config: GRPOConfig) -> dict:
+def micro_batch_loss(models: GroupModels, sub, idx, exp: Experience, normaliser, config: GRPOConfig,
+                     backward: Callable[[torch.Tensor], None]) -> dict:
     """The clipped surrogate (and k3 KL) of one micro-batch, divided by the mini-batch's loss units
-    `normaliser`, backpropagated; returns its metrics."""
+    `normaliser`, backpropagated with `backward` (the loop's loss scaler); returns its metrics."""
     width = sub.response_mask.shape[1]
     mask = exp.mask[idx, :width]  # (b, R'): the tokens that carry loss
     # (b, R') each, fp32; the entropy is only logged, so no gradient flows back through it.
@@ -139,9 +140,7 @@ def micro_batch_loss(models: GroupModels, sub, idx, exp: Experience, normaliser,
         clip_eps=config.clip_eps, beta=config.beta if kl_in_loss else 0.0, aggregation=config.loss_aggregation,
         max_tokens=config.max_new_tokens, clip_eps_high=config.clip_eps_high, normaliser=normaliser)
     entropy = masked_mean(token_entropy.detach(), mask > 0)
-    # Backward runs in the dtypes the forward chose; autocast must not recast it.
-    with autocast_paused():
-        loss.backward()
+    backward(loss)  # in the dtypes the forward chose; autocast must not recast it
     metrics.pop("ppo/dual_clipfrac", None)  # no dual clip here
     return {**metrics, "ppo/entropy": entropy, "loss/policy": loss.detach()}
 
@@ -178,7 +177,7 @@ class GroupRL(RLAlgorithm):
         return group_advantages(exp, self.models.rewards.names, self.config)
 
     def micro_batch_loss(self, sub, idx, exp, normaliser) -> dict:
-        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config)
+        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config, self.scaler.backward)
 
     def sample_rows(self, exp: Experience) -> list[dict]:
         k = self.config.num_generations  # the first completion of the first 4 prompts
@@ -186,7 +185,7 @@ class GroupRL(RLAlgorithm):
                  "advantage": float(exp.advantages[i])} for i in range(0, min(4 * k, len(exp)), k)]
 
     def load_weights(self, folder: Path) -> None:
-        load_model_weights(self.models.policy, folder)
+        self.models.load(folder)
 
 
 class GRPO(GroupRL):
@@ -197,9 +196,11 @@ class RLOO(GroupRL):
     stage = "rloo"
 
 
+@tracked("grpo")
 def run_grpo(config: GRPOConfig) -> Path:
     return run_rl(config, GRPO)
 
 
+@tracked("rloo")
 def run_rloo(config: RLOOConfig) -> Path:
     return run_rl(config, RLOO)

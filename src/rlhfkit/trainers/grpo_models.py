@@ -19,7 +19,8 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.reward_functions import RewardFunction, parse_reward_functions, parse_weights
 from rlhfkit.rollout.scoring import RewardScorer
-from rlhfkit.runtime.output_dir import save_hf_folder
+from rlhfkit.models.roles import Role
+from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora
 from rlhfkit.trainers.rl_models import PromptsAndGold, load_gold, load_reference, load_reward_scorer
 
 
@@ -53,16 +54,19 @@ class RewardSources:
 
 @dataclass
 class GroupModels(PromptsAndGold):
-    policy: torch.nn.Module        # trained
-    ref: torch.nn.Module | None    # frozen copy of the starting policy; None when beta == 0
+    policy: torch.nn.Module        # trained; with LoRA, the base through adapter "policy"
+    ref: torch.nn.Module | None    # frozen copy of the starting policy (LoRA: the base, adapter off); None if beta == 0
     rewards: RewardSources
     tokenizer: object
     gold: Callable | None          # optional gold scorer, for logging only
     config: GRPOConfig
 
     def save(self, folder: Path) -> None:
-        """The policy as a standard HF folder (there is no critic)."""
-        save_hf_folder(self.policy, self.tokenizer, folder)
+        """The policy as a standard HF folder, or a peft adapter folder with LoRA (there is no critic)."""
+        save_trained(self.policy, self.tokenizer, folder, base_path(self.config))
+
+    def load(self, folder: Path) -> None:
+        load_trained_weights(self.policy, folder)
 
 
 def load_reward_sources(config: GRPOConfig, policy_tokenizer) -> RewardSources:
@@ -81,6 +85,13 @@ def load_group_models(config: GRPOConfig) -> GroupModels:
     rewards = load_reward_sources(config, tokenizer)
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     set_gradient_checkpointing(policy, config.gradient_checkpointing)
-    ref = load_reference(config) if config.beta > 0 else None  # beta == 0: no reference at all (memory)
+    if uses_lora(config):  # one base: the reference is the policy with its adapter off
+        if config.ref_model and config.ref_model != config.model:
+            raise UserError("--ref-model: with LoRA the reference is the policy's base with its adapter off; "
+                            "drop --ref-model, or train in full (--lora-r 0)")
+        base = with_lora(policy, config, "policy")
+        policy, ref = Role(base, "policy"), (Role(base, None) if config.beta > 0 else None)
+    else:
+        ref = load_reference(config) if config.beta > 0 else None  # beta == 0: no reference at all (memory)
     gold = load_gold(config)
     return GroupModels(policy, ref, rewards, tokenizer, gold, config)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from rlhfkit.config import PPOConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.gae import gae_advantages, whiten_advantages
 from rlhfkit.core.kl import kl_penalty
 from rlhfkit.core.kl_controller import KLController
@@ -27,8 +29,6 @@ from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs, response_values
-from rlhfkit.runtime.checkpoint import load_model_weights
-from rlhfkit.runtime.precision import autocast_paused
 from rlhfkit.trainers.ppo_models import PPOModels, build_optimizers, load_ppo_models
 from rlhfkit.trainers.rl_loop import RLAlgorithm, run_rl
 
@@ -82,9 +82,10 @@ def shaped_advantages(exp: Experience, kl_coef: float, config: PPOConfig) -> dic
 
 
 # 5. the loss of one micro-batch ----------------------------------------------------------------------------
-def micro_batch_loss(models: PPOModels, sub, idx, exp: Experience, normaliser, config: PPOConfig) -> dict:
+def micro_batch_loss(models: PPOModels, sub, idx, exp: Experience, normaliser, config: PPOConfig,
+                     backward: Callable[[torch.Tensor], None]) -> dict:
     """Policy and value losses of one micro-batch, each divided by the mini-batch's token count `normaliser`
-    and backpropagated; returns its metrics."""
+    and backpropagated with `backward` (the loop's loss scaler); returns its metrics."""
     mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
     width = mask.shape[1]
     # (b, R') each, fp32; the entropy has a gradient only when it is part of the loss.
@@ -100,13 +101,11 @@ def micro_batch_loss(models: PPOModels, sub, idx, exp: Experience, normaliser, c
         loss = policy_loss - config.entropy_coef * aggregate_loss(token_entropy, mask, normaliser=normaliser)
     # Backward as soon as each loss exists, so that only one model's graph is held at a time; backward runs
     # in the dtypes the forward chose, and autocast must not recast it.
-    with autocast_paused():
-        loss.backward()
+    backward(loss)
     values = response_values(models.critic, sub)
     value_loss, v_metrics = ppo_value_loss(values, exp.values[idx, :width], exp.returns[idx, :width], mask,
                                            config.value_clip, normaliser=normaliser)
-    with autocast_paused():
-        value_loss.backward()
+    backward(value_loss)
     return {**p_metrics, **v_metrics, "ppo/entropy": entropy, "loss/policy": policy_loss.detach()}
 
 
@@ -137,7 +136,7 @@ class PPO(RLAlgorithm):
         return shaped_advantages(exp, self.kl_ctl.value, self.config)
 
     def micro_batch_loss(self, sub, idx, exp, normaliser) -> dict:
-        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config)
+        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config, self.scaler.backward)
 
     def after_update(self, exp: Experience, metrics: dict) -> dict:
         self.kl_ctl.update(float(metrics["objective/kl"]), len(exp))
@@ -152,9 +151,9 @@ class PPO(RLAlgorithm):
         return {"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.3f}"}
 
     def load_weights(self, folder: Path) -> None:
-        load_model_weights(self.models.policy, folder)
-        load_model_weights(self.models.critic, folder / "critic")
+        self.models.load(folder)
 
 
+@tracked("ppo")
 def run_ppo(config: PPOConfig) -> Path:
     return run_rl(config, PPO)

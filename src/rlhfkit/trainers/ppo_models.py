@@ -14,15 +14,17 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer, set_gradient_
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.scoring import RewardScorer
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
-from rlhfkit.runtime.output_dir import save_hf_folder
+from rlhfkit.models import lora
+from rlhfkit.models.roles import Role
+from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora
 from rlhfkit.trainers.rl_models import PromptsAndGold, load_gold, load_reference, load_reward_scorer
 
 
 @dataclass
 class PPOModels(PromptsAndGold):
-    policy: torch.nn.Module        # trained (the actor)
-    ref: torch.nn.Module           # frozen copy of the starting policy
-    critic: torch.nn.Module        # trained value model (trunk + scalar head)
+    policy: torch.nn.Module        # trained (the actor); with LoRA, the shared base through adapter "policy"
+    ref: torch.nn.Module           # frozen copy of the starting policy; with LoRA, the base with adapters off
+    critic: torch.nn.Module        # trained value model (trunk + scalar head); with LoRA, adapter "critic" + head
     reward: RewardScorer           # frozen reward model
     tokenizer: object
     gold: Callable | None          # optional gold scorer, for logging only
@@ -30,15 +32,31 @@ class PPOModels(PromptsAndGold):
 
 
     def save(self, folder: Path) -> None:
-        """The policy as a standard HF folder; the critic beside it in `critic/` (a reward-model folder)."""
-        save_hf_folder(self.policy, self.tokenizer, folder)
-        save_hf_folder(self.critic, self.tokenizer, Path(folder) / "critic")
+        """The policy as a standard HF folder (LoRA: a peft adapter folder); the critic beside it in `critic/`."""
+        save_trained(self.policy, self.tokenizer, folder, base_path(self.config))
+        save_trained(self.critic, self.tokenizer, Path(folder) / "critic", base_path(self.config))
+
+    def load(self, folder: Path) -> None:
+        load_trained_weights(self.policy, folder)
+        load_trained_weights(self.critic, Path(folder) / "critic")
 
 
 def load_ppo_models(config: PPOConfig) -> PPOModels:
     if not config.reward_model:
         raise UserError("--reward-model is required: a folder written by `rlhfkit reward`")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    if uses_lora(config):
+        policy, ref, critic = lora_roles(config)
+        scorer = shared_reward_scorer(config, policy.shared_base, tokenizer) or load_reward_scorer(config, tokenizer)
+    else:
+        policy, ref, critic, scorer = full_models(config, tokenizer)
+    gold = load_gold(config)
+    return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
+
+
+def full_models(config: PPOConfig, tokenizer):
+    """Three models and the reward model: the policy, a frozen reference, and a critic started from the reward
+    model or the policy (loaded in this order: a fresh critic head is drawn from the RNG after the others)."""
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
     ref = load_reference(config)
     scorer = load_reward_scorer(config, tokenizer)
@@ -50,8 +68,38 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
                                config.attn_implementation)
     for trained in (policy, critic):
         set_gradient_checkpointing(trained, config.gradient_checkpointing)
-    gold = load_gold(config)
-    return PPOModels(policy, ref, critic, scorer, tokenizer, gold, config)
+    return policy, ref, critic, scorer
+
+
+def lora_roles(config: PPOConfig):
+    """One frozen base for three roles: the policy (adapter "policy"), the reference (adapters off, so exactly
+    the starting weights: a LoRA-trained SFT folder is merged into the base on load) and the critic (adapter
+    "critic" plus a fresh value head, initialised like transformers' scalar heads)."""
+    if config.ref_model and config.ref_model != config.model:
+        raise UserError("--ref-model: with LoRA the reference is the policy's base with its adapter off; "
+                        "drop --ref-model, or train in full (--lora-r 0)")
+    base = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    for name in ("policy", "critic"):
+        with_lora(base, config, name)
+    set_gradient_checkpointing(base, config.gradient_checkpointing)
+    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=base.get_input_embeddings().weight.dtype)
+    torch.nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
+    return Role(base, "policy"), Role(base, None), Role(base, "critic", score=head)
+
+
+def shared_reward_scorer(config: PPOConfig, base, tokenizer) -> RewardScorer | None:
+    """A reward model trained with LoRA on the policy's own base scores on that base: a third, frozen adapter
+    "reward" plus its score head. None when the reward model is a full model or has another base."""
+    if not (lora.is_adapter_folder(config.reward_model)
+            and str(Path(lora.adapter_base(config.reward_model)).resolve()) == base_path(config)):
+        return None
+    extra = lora.attach_adapter_folder(base, config.reward_model, "reward")
+    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=base.get_input_embeddings().weight.dtype)
+    head.load_state_dict({"weight": extra["score.weight"]})
+    head.requires_grad_(False)
+    role = Role(base, "reward", score=head).eval()
+    return RewardScorer(role, tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template,
+                        config.system_prompt)
 
 
 def build_optimizers(models: PPOModels, config: PPOConfig) -> tuple[dict, dict]:

@@ -7,15 +7,17 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import RewardConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.bradley_terry import bradley_terry_loss
 from rlhfkit.data.collate import collate_pairs
 from rlhfkit.data.text import prompt_text, response_text
 from rlhfkit.data.tokenize import tokenize_preference
 from rlhfkit.models.loading import check_fits_context, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
+from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
-from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
@@ -60,6 +62,7 @@ def evaluate_pairs(model, examples: list, collate, batch_size: int, gold_diffs: 
     return metrics
 
 
+@tracked("reward")
 def run_reward(config: RewardConfig) -> Path:
     resolve_precision(config)
     out = resolve_output_dir(config, "reward")
@@ -88,6 +91,7 @@ def run_reward(config: RewardConfig) -> Path:
     seed_everything(config.seed)  # the fresh scalar head is initialised from the RNG
     model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
                               config.attn_implementation)
+    with_lora(model, config, score_head=True)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
@@ -100,9 +104,13 @@ def run_reward(config: RewardConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=reward_loss(config.use_margin),
         units=lambda batch: batch["margin"].shape[0],
-        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_pairs(model, evals, collate, config.batch_size, gold_diffs, config.eval_batches))
         if evals else None,
         lr_overrides={"score": config.learning_rate * config.head_lr_multiplier})
     run_supervised(task, config, out, "reward")
+    if uses_lora(config) and config.merge:
+        write_merged(out, tokenizer, lambda: load_reward_model(config.model, tokenizer.pad_token_id, config.dtype,
+                                                               config.trust_remote_code, config.attn_implementation))
     return out

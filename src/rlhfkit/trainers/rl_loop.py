@@ -22,13 +22,15 @@ import torch
 
 from rlhfkit.core.ppo_loss import loss_units
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import check_fits_context
+from rlhfkit.models.loading import check_fits_context, load_causal_lm
+from rlhfkit.models.trained import uses_lora, write_merged
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import stop_on_signals
+from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
-from rlhfkit.runtime.precision import autocast, resolve_precision
+from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import clip_gradients
 from rlhfkit.trainers.rl_models import load_prompts_for
@@ -55,6 +57,7 @@ class RLAlgorithm:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
         self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
+        self.scaler = LossScaler(config.mixed_precision)     # fp16's loss scale; backward goes through it
 
     # Sizes of one iteration.
     def samples_per_prompt(self) -> int:
@@ -121,16 +124,24 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
                                   / normaliser)
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in ADDITIVE_METRICS else share)
+            for optimizer in algo.optimizers.values():
+                algo.scaler.unscale(optimizer)  # fp16: true-sized gradients before clipping
             norms = {name: clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm)
                      for name, model in algo.trained.items()}
-            # A non-finite gradient (from a NaN/inf loss or reward) skips every model's step for this mini-batch.
-            finite = run.guard.allows(*norms.values())
+            # A non-finite gradient (from a NaN/inf loss or reward) skips every model's step for this mini-batch;
+            # under fp16 an overflow of the scaled gradients does too, and the scaler halves its scale.
+            if algo.scaler.overflowed(*norms.values()):
+                run.guard.overflow()
+                finite = False
+            else:
+                finite = run.guard.allows(*norms.values())
             for name, norm in norms.items():
                 sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + norm
                 if finite:
-                    algo.optimizers[name].step()
+                    algo.scaler.step(algo.optimizers[name])
                     algo.schedulers[name].step()
                 algo.optimizers[name].zero_grad(set_to_none=True)
+            algo.scaler.update()
             n_updates += 1
     for model in algo.trained.values():
         model.eval()
@@ -145,6 +156,8 @@ def iteration_row(run: RunContext, algo: RLAlgorithm, exp: Experience, step: int
            "response/length_mean": float(mask.sum(1).mean()),
            "response/ended_fraction": float(exp.batch.ended.float().mean()),
            "train/skipped_steps": run.guard.skipped, "perf/samples_per_s": len(exp) / exp.timings["time/step_s"]}
+    if algo.scaler.active:
+        row["train/loss_scale"] = algo.scaler.scale
     if algo.models.gold is not None:
         row["objective/gold"] = sum(algo.models.gold_scores(exp.records, exp.texts)) / len(exp.texts)
     return row
@@ -174,6 +187,8 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     guard = NonFiniteGuard(config.max_bad_steps)  # counts mini-batches skipped for a non-finite gradient
     stateful = {**{f"{n}_optimizer": o for n, o in algo.optimizers.items()},
                 **{f"{n}_scheduler": s for n, s in algo.schedulers.items()}, **algo.stateful, "guard": guard}
+    if algo.scaler.active:
+        stateful["loss_scaler"] = algo.scaler
     run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration")
     state = run.resume(algo.load_weights)
     step = 0
@@ -214,4 +229,8 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             bar.set_postfix(**algo.progress(row))
     run.close_progress()
     algo.models.save(out)
+    if uses_lora(config) and config.merge:  # also a plain HF folder of the policy, for tools that take no adapter
+        write_merged(out, algo.models.tokenizer, lambda: load_causal_lm(
+            config.model, config.dtype, config.trust_remote_code, config.attn_implementation))
+    write_model_card(out, config, algorithm.stage)
     return out

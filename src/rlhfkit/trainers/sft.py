@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import SFTConfig
+from rlhfkit.track.stage import tracked
 from rlhfkit.core.logprobs import logprobs_from_logits, shift_for_causal_lm
 from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
@@ -15,7 +16,8 @@ from rlhfkit.data.tokenize import tokenize_sft
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
-from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir, save_hf_folder
+from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
+from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.precision import resolve_precision
 
@@ -46,6 +48,7 @@ def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: i
     return {"nll": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
+@tracked("sft")
 def run_sft(config: SFTConfig) -> Path:
     """Train; write the model folder, config.yaml, metrics.jsonl and checkpoints under output_dir."""
     resolve_precision(config)
@@ -61,6 +64,7 @@ def run_sft(config: SFTConfig) -> Path:
     train, evals = encode(train_records), encode(eval_records)
     seed_everything(config.seed)
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    with_lora(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
@@ -71,8 +75,12 @@ def run_sft(config: SFTConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=sft_loss,
         units=lambda batch: batch["loss_mask"][:, 1:].sum().item(),
-        save_model=lambda folder: save_hf_folder(model, tokenizer, folder),
+        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_nll(model, evals, collate, config.batch_size, config.eval_batches))
         if evals else None)
     run_supervised(task, config, out, "sft")
+    if uses_lora(config) and config.merge:
+        write_merged(out, tokenizer, lambda: load_causal_lm(config.model, config.dtype, config.trust_remote_code,
+                                                             config.attn_implementation))
     return out

@@ -17,11 +17,12 @@ from typing import Callable
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.runtime.precision import autocast, autocast_paused
+from rlhfkit.runtime.precision import LossScaler, autocast
 from rlhfkit.runtime.batch_order import BatchOrder
-from rlhfkit.runtime.checkpoint import load_model_weights, seed_everything
+from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import stop_on_signals
+from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
 from rlhfkit.trainers.run_context import RunContext
 
@@ -36,6 +37,7 @@ class SupervisedTask:
     loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
     units: Callable[[dict], float]
     save_model: Callable[[Path], None]
+    load_model: Callable[[Path], None]  # the weights save_model wrote, back into the model (resume)
     evaluate: Callable[[], dict] | None = None
     lr_overrides: dict[str, float] | None = None
 
@@ -57,8 +59,12 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
     guard = NonFiniteGuard(config.max_bad_steps)
-    run = RunContext(config, output_dir, steps, guard, {"optimizer": optimizer, "scheduler": scheduler, "guard": guard})
-    state = run.resume(lambda folder: load_model_weights(task.model, folder))
+    scaler = LossScaler(config.mixed_precision)  # fp16's dynamic loss scale; a pass-through otherwise
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
+    if scaler.active:
+        stateful["loss_scaler"] = scaler
+    run = RunContext(config, output_dir, steps, guard, stateful)
+    state = run.resume(task.load_model)
     step, microbatch = (state["step"], state["microbatch"]) if state is not None else (0, 0)
     log = run.log("metrics")
     params = [p for p in task.model.parameters() if p.requires_grad]
@@ -81,23 +87,26 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             with autocast(config.mixed_precision):
                 for batch, weight in zip(batches, units):
                     loss, metrics = task.loss(task.model, batch, normaliser)
-                    with autocast_paused():  # backward runs in the dtypes the forward chose
-                        loss.backward()
+                    scaler.backward(loss)  # in the dtypes the forward chose; fp16: the loss scaled first
                     loss_sum += loss.item()
                     for key, value in metrics.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            scaler.unscale(optimizer)  # fp16: true-sized gradients before clipping
             grad_norm = clip_gradients(params, max_norm)
-            if guard.allows(loss_sum, grad_norm):
-                optimizer.step()
+            if math.isfinite(loss_sum) and scaler.overflowed(grad_norm):
+                guard.overflow()  # the scale was too large for fp16: skip, and the scaler halves it
+            elif guard.allows(loss_sum, grad_norm):
+                scaler.step(optimizer)
                 scheduler.step()
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - started
             n_examples = sum(len(order.indices(microbatch - accum + k)) for k in range(accum))
             row = {"step": step, "epoch": microbatch / order.per_epoch, "loss": loss_sum,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, **totals,
-                   "train/skipped_steps": guard.skipped,
+                   "train/skipped_steps": guard.skipped, **({"train/loss_scale": scaler.scale} if scaler.active else {}),
                    "time/step_s": elapsed, "perf/samples_per_s": n_examples / max(elapsed, 1e-9)}
             evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
             if evaluating:
@@ -121,4 +130,5 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     run.close_progress()
     task.model.eval()
     task.save_model(output_dir)
+    write_model_card(output_dir, config, desc)
     return rows

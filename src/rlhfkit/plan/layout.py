@@ -1,0 +1,497 @@
+"""Where each model goes, what each device holds in each phase, whether it fits, and what would make it fit.
+
+A phase is a list of moments (the end of a forward, the start and end of a backward, a decoding step, ...);
+each moment says what every device holds, by kind: weights, weight copies (autocast's half-precision casts of
+trained weights, which it keeps for the length of its context, and the sampler's half copy of the policy),
+gradients, optimizer state, activations, logits, KV cache, other (caches, masks, FSDP's gathered layers). A
+device's use in a phase is its worst moment, and its peak is its worst phase.
+
+Layouts:
+- single: every model on one device, one process (what `rlhfkit <stage>` runs);
+- spread: each model whole on its own device, largest first onto the least loaded one (model placement, as
+  OpenRLHF places actor, critic, reference and reward on separate GPUs; rlhfkit runs one device per stage today);
+- fsdp: every model sharded over all N devices, one process per device, each with its own micro-batch
+  (weights, gradients and optimizer state / N, plus the layers FSDP gathers while it computes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from itertools import combinations
+
+import rlhfkit.plan.memory as mem
+from rlhfkit.plan.devices import Device
+from rlhfkit.plan.workload import WeightSet, Workload, compute_mode
+
+CATEGORIES = ("weights", "weight copies", "gradients", "optimizer", "activations", "logits", "kv cache", "other")
+TIGHT = 0.9  # above this share of a device's usable memory a plan "fits, tight": fragmentation may tip it over
+
+
+@dataclass
+class DeviceUse:
+    device: Device
+    phase: str
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    devices: list[Device]
+    placement: dict[str, list[int]]           # weight set name -> device indices (several: sharded)
+    phases: dict[str, list[DeviceUse]]        # phase -> use of each device (its worst moment)
+    host_bytes: int = 0                       # optimizer state offloaded to the host
+    activations: dict[str, dict[str, int]] = field(default_factory=dict)  # role -> {'saved', 'checkpointed'}
+
+    def peak(self, index: int) -> DeviceUse:
+        return max((uses[index] for uses in self.phases.values()), key=lambda u: u.total)
+
+    def status(self, index: int) -> str:
+        use, usable = self.peak(index).total, self.devices[index].usable_bytes
+        if use > usable:
+            return "does not fit"
+        return "fits, tight" if use > TIGHT * usable else "fits"
+
+    @property
+    def fits(self) -> bool:
+        return all(self.peak(i).total <= d.usable_bytes for i, d in enumerate(self.devices))
+
+    def worst_device(self) -> int:
+        return max(range(len(self.devices)), key=lambda i: self.peak(i).total / self.devices[i].usable_bytes)
+
+
+# --- resident bytes of a weight set -------------------------------------------------------------------------
+def trainable_params(ws: WeightSet, wl: Workload) -> int:
+    s = ws.shape
+    if ws.trained == "full":
+        return s.params if ws.lm_head else s.trunk_params + s.scalar_head_params()
+    if ws.trained == "lora":
+        return len(ws.adapters) * s.lora_params(wl.knobs.lora_r, wl.knobs.lora_targets) + (
+            s.hidden if ws.value_head else 0)
+    return 0
+
+
+def param_bytes(ws: WeightSet, wl: Workload) -> int:
+    """Bytes per trainable parameter: the stage's dtype for full fine-tuning; adapters are fp32."""
+    return wl.dtype_bytes if ws.trained == "full" else 4
+
+
+def weight_bytes(ws: WeightSet, wl: Workload, device: Device) -> int:
+    if ws.trained == "full":
+        return mem.weight_bytes(ws.shape, ws.lm_head, wl.dtype_bytes)
+    if wl.knobs.frozen_half:
+        base = mem.weight_bytes(ws.shape, ws.lm_head, 2)
+    else:  # under bf16 rlhfkit keeps frozen models' linear layers in bf16 (store_linears_in_bf16); not under fp16
+        bf16 = compute_mode(wl.mixed_precision, device) == "bf16"
+        base = mem.weight_bytes(ws.shape, ws.lm_head, wl.dtype_bytes, half_linears=bf16 and ws.trained == "frozen")
+    return base + trainable_params(ws, wl) * 4
+
+
+def fp32_bytes(ws: WeightSet, wl: Workload, device: Device) -> int:
+    """The part of a weight set held in fp32 (what a half-precision copy of all of it would halve)."""
+    if ws.trained == "full":
+        return weight_bytes(ws, wl, device) if wl.dtype_bytes == 4 else 0
+    if wl.knobs.frozen_half or wl.dtype_bytes == 2:
+        return trainable_params(ws, wl) * 4  # only the adapters
+    return weight_bytes(ws, wl, device)
+
+
+def autocast_cache_bytes(ws: WeightSet, wl: Workload, device: Device) -> int:
+    """Autocast keeps a half copy of every trained (requires-grad) linear weight it casts until its context
+    exits (a mini-batch, a rollout); frozen weights are cast anew each time and dropped."""
+    if not wl.numerics(device).autocast or ws.trained != "full" or wl.dtype_bytes == 2:
+        return 0
+    return ws.shape.layers * ws.shape.layer_linear_params() * 2
+
+
+def fsdp_gather_bytes(ws: WeightSet, wl: Workload, n: int) -> int:
+    """Unsharded parameters FSDP holds while it computes: the root unit (embedding, head, final norm) and two
+    blocks (the one running and the one prefetched), less this device's own shards of them."""
+    if n <= 1:
+        return 0
+    s = ws.shape
+    b = 2 if ws.trained != "full" and wl.knobs.frozen_half else wl.dtype_bytes
+    block = s.layer_linear_params() + s.layer_other_params()
+    root = s.embed_params + (s.head_params if ws.lm_head else s.hidden) + s.final_norm_params
+    return int((root + 2 * block) * b * (1 - 1 / n))
+
+
+# --- activations of one trained pass --------------------------------------------------------------------------
+@dataclass
+class Pass:
+    """What one forward + backward of a trained role keeps and makes, on each of its devices."""
+
+    blocks_saved: int        # all blocks' saved tensors (checkpointed: their inputs)
+    blocks_saved_alt: int    # the same with checkpointing the other way round (for the report)
+    recompute: int           # checkpointed: one block's saved tensors, rebuilt in the backward
+    block_transient: int
+    head_saved: int
+    head_forward: int
+    head_backward: int
+    head_grad: int           # gradient the head's backward allocates first
+    embed_transient: int     # a tied, trained embedding's dense gradient, added into the existing one
+    other: int               # forward cache, attention mask
+
+
+def per_process(items: int, wl: Workload, n: int) -> int:
+    """Batch sizes in configs are global: with FSDP over n processes each takes its share."""
+    return -(-items // n) if wl.knobs.layout == "fsdp" else items
+
+
+def trained_pass(role: str, ws: WeightSet, wl: Workload, device: Device, n: int = 1) -> Pass:
+    s, num, k = ws.shape, wl.numerics(device), wl.knobs
+    b, T, H, V = per_process(k.micro_batch, wl, n) * wl.rows_per_item, wl.seq_len, ws.shape.hidden, ws.shape.vocab
+    lora_r = k.lora_r if ws.trained == "lora" else 0
+    full = ws.trained == "full"
+    per_block = sum(mem.block_saved(s, b, T, num, wl.attn, norms_trained=full, lora_r=lora_r).values())
+    inputs = b * T * H * 4
+    saved, checkpointed = s.layers * per_block, s.layers * inputs
+    final_norm = b * T * H * 4 * (2 if full and s.family == "llama" else 1)
+    if role == "policy" and wl.stage == "sft":
+        head_saved = mem.full_logits_bytes(b, T, V, num) + b * T * H * num.act
+        chunk = min(b * T, max(1, mem.LOGPROB_CHUNK_ELEMENTS // V)) * V * 4
+        head_forward, head_backward = chunk, mem.full_logits_backward_extra(b, T, V)
+    elif role == "policy":
+        n = b * wl.response_len
+        chunk = mem.fused_head_chunk(n, V)
+        head_saved = n * H * 4
+        head_forward = mem.fused_head_forward_chunks(wl.with_entropy) * chunk
+        head_backward = n * H * 4 + mem.FUSED_HEAD_BACKWARD_CHUNKS * chunk
+    elif role == "critic":
+        head_saved, head_forward, head_backward = b * T * H * 4, 0, b * T * H * 4
+    else:  # reward model: the last token's hidden state through a scalar head
+        head_saved, head_forward, head_backward = b * H * 4, 0, b * T * H * 4
+    trains_head = full and ws.lm_head and role == "policy"
+    head_grad = s.vocab * H * wl.dtype_bytes if trains_head else H * 4
+    # a tied embedding gets the head's gradient first, then the lookup's dense one is added into it
+    embed_transient = s.vocab * H * wl.dtype_bytes if full and s.tied and ws.lm_head else 0
+    cache = 0
+    if wl.stage in ("sft", "reward") and not k.gradient_checkpointing:
+        cache = mem.forward_cache_bytes(s, b, T, num)
+    return Pass(
+        blocks_saved=(checkpointed if k.gradient_checkpointing else saved) + final_norm,
+        blocks_saved_alt=(saved if k.gradient_checkpointing else checkpointed) + final_norm,
+        recompute=per_block if k.gradient_checkpointing else 0,
+        block_transient=mem.block_backward_transient(s, b, T, num, wl.attn, norms_trained=full),
+        head_saved=head_saved, head_forward=head_forward, head_backward=head_backward, head_grad=head_grad,
+        embed_transient=embed_transient, other=cache + mem.attention_mask_bytes(b, T, wl.attn))
+
+
+def inference_moment(role: str, ws: WeightSet, wl: Workload, device: Device, rows: int, T: int) -> dict[str, int]:
+    """A no-grad forward of `rows` sequences of T tokens (scoring, DPO's reference)."""
+    s, num = ws.shape, wl.numerics(device)
+    out = {"activations": mem.block_inference_transient(s, rows, T, num, wl.attn) + rows * T * s.hidden * 4}
+    if role in ("policy", "reference"):
+        n = rows * wl.response_len
+        out["logits"] = n * s.hidden * 4 + mem.fused_head_forward_chunks(False) * mem.fused_head_chunk(n, s.vocab)
+    if role == "reward model":  # score_sequences leaves use_cache on: every block's keys and values
+        out["kv cache"] = mem.kv_cache_bytes(s, rows, T, num.act)
+    return out
+
+
+# --- the plan -------------------------------------------------------------------------------------------------
+def place(wl: Workload, devices: list[Device]) -> dict[str, list[int]]:
+    layout = wl.knobs.layout
+    if layout == "fsdp":
+        return {ws.name: list(range(len(devices))) for ws in wl.weights}
+    if layout == "single" or len(devices) == 1:
+        return {ws.name: [0] for ws in wl.weights}
+    load = [0] * len(devices)
+    placement = {}
+    for ws in sorted(wl.weights, key=lambda w: -resident(w, wl, devices[0])):
+        i = min(range(len(devices)), key=lambda j: (load[j] / devices[j].usable_bytes, j))
+        placement[ws.name] = [i]
+        load[i] += resident(ws, wl, devices[i])
+    return placement
+
+
+def resident(ws: WeightSet, wl: Workload, device: Device) -> int:
+    t = trainable_params(ws, wl) * param_bytes(ws, wl)
+    return weight_bytes(ws, wl, device) + 3 * t
+
+
+def plan(wl: Workload, devices: list[Device]) -> Plan:
+    if wl.knobs.layout == "fsdp" and len(devices) < 2:
+        wl = replace(wl, knobs=replace(wl.knobs, layout="single"))
+    placement = place(wl, devices)
+    n = len(devices) if wl.knobs.layout == "fsdp" else 1
+    shard = 1 / n
+    by_name = {ws.name: ws for ws in wl.weights}
+
+    def blank() -> dict[int, dict[str, int]]:
+        return {i: dict.fromkeys(CATEGORIES, 0) for i in range(len(devices))}
+
+    def add(moment, ws_name, category, value):
+        for i in placement[ws_name]:
+            moment[i][category] += int(value)
+
+    def base(optimizer: bool = True) -> dict[int, dict[str, int]]:
+        moment = blank()
+        for ws in wl.weights:
+            for i in placement[ws.name]:
+                moment[i]["weights"] += int(weight_bytes(ws, wl, devices[i]) * shard)
+                if optimizer and not wl.knobs.offload_optimizer:
+                    moment[i]["optimizer"] += int(mem.adam_state_bytes(trainable_params(ws, wl),
+                                                                       param_bytes(ws, wl)) * shard)
+        return moment
+
+    def grads(ws: WeightSet) -> int:
+        if ws.trained == "lora":  # every adapter on this base: their gradients live together
+            return int(trainable_params(ws, wl) * 4 * shard)
+        return int(trainable_params(ws, wl) * param_bytes(ws, wl) * shard)
+
+    def gather(moment, ws: WeightSet):
+        add(moment, ws.name, "other", fsdp_gather_bytes(ws, wl, n))
+
+    dev = {ws.name: devices[placement[ws.name][0]] for ws in wl.weights}
+    phases: dict[str, list[list[dict]]] = {}
+    activations: dict[str, dict[str, int]] = {}
+
+    def train_pass(role: str, alive: dict[str, int]) -> list:
+        """Moments of one micro-batch's forward and backward of `role`; `alive`: gradients held meanwhile,
+        per weight set (earlier micro-batches, another model's)."""
+        ws = wl.role(role)
+        p = trained_pass(role, ws, wl, dev[ws.name], n)
+        activations[role] = {"saved": p.blocks_saved, "checkpointed" if not wl.knobs.gradient_checkpointing
+                             else "not checkpointed": p.blocks_saved_alt}
+        pre = alive.get(ws.name, 0)
+        g = grads(ws)
+        moments = []
+        for acts, logits, other, own in (
+                (p.blocks_saved, p.head_saved + p.head_forward, p.other, pre),
+                (p.blocks_saved, p.head_saved + p.head_backward, 0, max(pre, p.head_grad * shard)),
+                (p.blocks_saved + p.recompute + p.block_transient, 0, 0, max(pre, p.head_grad * shard)),
+                (0, 0, 0, g + p.embed_transient)):
+            m = base()
+            for name, held in alive.items():
+                if name != ws.name:
+                    add(m, name, "gradients", held)
+            add(m, ws.name, "gradients", own)
+            add(m, ws.name, "activations", acts)
+            add(m, ws.name, "logits", logits)
+            add(m, ws.name, "other", other)
+            for held in wl.weights:
+                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard)
+            gather(m, ws)
+            moments.append(m)
+        return moments
+
+    accumulating = wl.accumulation > 1
+    if wl.stage in ("sft", "reward", "dpo"):
+        role = "reward model" if wl.stage == "reward" else "policy"
+        ws = wl.role(role)
+        alive = {ws.name: grads(ws)} if accumulating else {}
+        moments = train_pass(role, alive)
+        ref = wl.role("reference")
+        if ref is not None and not wl.precompute_reference:
+            # DPO: the reference's no-grad forward runs while the policy's activations are kept
+            m = base()
+            p = trained_pass(role, ws, wl, dev[ws.name], n)
+            add(m, ws.name, "gradients", alive.get(ws.name, 0))
+            add(m, ws.name, "activations", p.blocks_saved)
+            add(m, ws.name, "logits", p.head_saved)
+            rows = per_process(wl.knobs.micro_batch, wl, n) * wl.rows_per_item
+            for cat, value in inference_moment("reference", ref, wl, dev[ref.name], rows, wl.seq_len).items():
+                add(m, ref.name, cat, value)
+            gather(m, ref)
+            moments.append(m)
+        phases["train"] = moments
+        if ref is not None and wl.precompute_reference:
+            m = base(optimizer=False)
+            rows = per_process(wl.knobs.micro_batch, wl, n) * wl.rows_per_item
+            for cat, value in inference_moment("reference", ref, wl, dev[ref.name], rows, wl.seq_len).items():
+                add(m, ref.name, cat, value)
+            phases["precompute reference"] = [m]
+    else:
+        policy = wl.role("policy")
+        device = dev[policy.name]
+        num = wl.numerics(device)
+        s = policy.shape
+        B = -(-wl.gen_batch // n)
+        kv_bytes = num.act
+        # under bf16 rlhfkit samples from a bf16 copy of the policy's fp32 weights (models/precision.bf16_weights);
+        # under fp16 autocast keeps its casts of the policy's trained weights for the rollout
+        if compute_mode(wl.mixed_precision, device) == "bf16":
+            half_copy = fp32_bytes(policy, wl, device) // 2
+        else:
+            half_copy = autocast_cache_bytes(policy, wl, device)
+        prefill, decode = base(), base()
+        for m in (prefill, decode):
+            add(m, policy.name, "weight copies", half_copy * shard)
+            gather(m, policy)
+        add(prefill, policy.name, "kv cache", mem.kv_cache_bytes(s, B, wl.prompt_len, kv_bytes))
+        add(prefill, policy.name, "activations", mem.block_inference_transient(s, B, wl.prompt_len, num, "sdpa"))
+        add(prefill, policy.name, "logits", 3 * B * s.vocab * 4)
+        tokens = wl.prompt_len + wl.new_tokens
+        add(decode, policy.name, "kv cache", mem.kv_cache_bytes(s, B, tokens, kv_bytes))
+        add(decode, policy.name, "other", mem.decode_step_transient(s, B, tokens, kv_bytes))
+        phases["generate"] = [prefill, decode]
+        scoring = []
+        rows = per_process(wl.score_batch, wl, n)
+        roles = [r for r in ("policy", "reference", "critic", "reward model") if wl.role(r) is not None]
+        if not wl.need_old_logprobs:
+            roles.remove("policy")
+        for role in roles:
+            ws = wl.role(role)
+            m = base()
+            for cat, value in inference_moment(role, ws, wl, dev[ws.name], rows, wl.seq_len).items():
+                add(m, ws.name, cat, value)
+            for held in wl.weights:  # scoring runs inside the rollout's autocast context
+                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard)
+            gather(m, ws)
+            scoring.append(m)
+        phases["score"] = scoring
+        policy_ws, critic_ws = wl.role("policy"), wl.role("critic")
+        moments = []
+        alive = {}
+        if accumulating:
+            alive[policy_ws.name] = grads(policy_ws)
+            if critic_ws is not None:
+                alive[critic_ws.name] = grads(critic_ws)
+        moments += train_pass("policy", alive)
+        if critic_ws is not None:
+            after_policy = dict(alive)
+            after_policy[policy_ws.name] = grads(policy_ws)
+            moments += train_pass("critic", after_policy)
+        phases["train"] = moments
+    uses = {}
+    for phase, moments in phases.items():
+        per_device = []
+        for i, d in enumerate(devices):
+            worst = max(moments, key=lambda m: sum(m[i].values()))
+            per_device.append(DeviceUse(d, phase, {k: v for k, v in worst[i].items()}))
+        uses[phase] = per_device
+    host = 0
+    if wl.knobs.offload_optimizer:
+        host = sum(mem.adam_state_bytes(trainable_params(ws, wl), param_bytes(ws, wl)) for ws in wl.weights)
+    return Plan(wl, devices, placement, uses, host, activations)
+
+
+# --- suggestions ----------------------------------------------------------------------------------------------
+@dataclass
+class Suggestion:
+    changes: list[str]        # in words, with the config keys to set
+    plan: Plan
+    cost: int
+
+
+def _micro_options(micro: int) -> list[int]:
+    out, m = [], micro
+    while m > 1:
+        m //= 2
+        out.append(max(m, 1))
+    return out
+
+
+def suggest(wl: Workload, devices: list[Device], limit: int = 3) -> list[Suggestion]:
+    """The smallest changes that make the plan fit, cheapest first: single changes before pairs, pairs before
+    triples, each set minimal (no part of it fits alone). A change's cost ranks how much it asks: checkpointing
+    and a smaller micro-batch change only speed; half-precision frozen copies round frozen weights; LoRA changes
+    what is trained; FSDP or spreading models needs several processes or devices; CPU offload is slowest."""
+    k = wl.knobs
+    gpus = [d for d in devices if not d.is_cpu]
+    options: list[tuple[str, int]] = []
+    if not k.gradient_checkpointing:
+        options.append(("checkpointing", 1))
+    if k.micro_batch > 1:
+        options.append(("micro-batch", 1))
+    if not k.frozen_half and (any(w.trained != "full" for w in wl.weights) or k.lora_r == 0):
+        options.append(("half frozen", 2))  # with LoRA, the shared base is frozen too
+    if k.lora_r == 0:
+        options.append(("lora", 4))
+    if len(gpus) > 1 and k.layout != "fsdp":
+        options.append(("fsdp", 5))
+    if len(gpus) > 1 and k.layout == "single" and len(wl.weights) > 1:
+        options.append(("spread", 5))
+    if gpus and not k.offload_optimizer:
+        options.append(("offload", 6))
+    found: list[Suggestion] = []
+    fitting_sets: list[set[str]] = []
+    for size in range(1, len(options) + 1):
+        for combo in sorted(combinations(options, size), key=lambda c: sum(x[1] for x in c)):
+            names = {name for name, _ in combo}
+            if "fsdp" in names and "spread" in names:
+                continue
+            if any(s <= names for s in fitting_sets):
+                continue
+            result = _try(wl, devices, names)
+            if result is not None:
+                fitting_sets.append(names)
+                found.append(Suggestion(result[0], result[1], sum(c for _, c in combo)))
+    found.sort(key=lambda s: (s.cost, len(s.changes)))
+    return found[:limit]
+
+
+def _try(wl: Workload, devices: list[Device], names: set[str]):
+    k = wl.knobs
+    changes = []
+    if "checkpointing" in names:
+        k = replace(k, gradient_checkpointing=True)
+    if "half frozen" in names:
+        k = replace(k, frozen_half=True)
+    if "lora" in names:
+        k = replace(k, lora_r=16)
+    if "fsdp" in names:
+        k = replace(k, layout="fsdp")
+    if "spread" in names:
+        k = replace(k, layout="spread")
+    if "offload" in names:
+        k = replace(k, offload_optimizer=True)
+    micros = _micro_options(k.micro_batch) if "micro-batch" in names else [k.micro_batch]
+    for micro in micros:
+        trial = replace(wl, knobs=replace(k, micro_batch=micro), accumulation=max(1, -(-wl.mini_batch // micro)))
+        if "lora" in names:
+            trial = _with_lora(trial)
+        p = plan(trial, devices)
+        if p.fits:
+            return [describe_change(name, trial, len(devices)) for name in sorted(names, key=_ORDER.index)], p
+    return None
+
+
+_ORDER = ["checkpointing", "micro-batch", "half frozen", "lora", "fsdp", "spread", "offload"]
+
+
+def _with_lora(wl: Workload) -> Workload:
+    """The same workload with LoRA: one frozen base for the policy, the reference and the critic."""
+    weights = list(wl.weights)
+    shared = [w for w in weights if set(w.serves) & {"policy", "reference", "critic"}]
+    if wl.stage == "reward":
+        w = weights[0]
+        return replace(wl, weights=(replace(w, trained="lora", adapters=("reward model",), value_head=True),))
+    if not shared:
+        return wl
+    base_shape = next(w.shape for w in shared if "policy" in w.serves)
+    serves = tuple(r for w in shared for r in w.serves)
+    adapters = tuple(r for r in ("policy", "critic") if r in serves)
+    label = "base (" + ", ".join(a + " adapter" for a in adapters) + (
+        "; reference = adapters off)" if "reference" in serves else ")")
+    base = WeightSet(label, base_shape, True, "lora", serves, adapters=adapters, value_head="critic" in serves)
+    rest = [w for w in weights if w not in shared]
+    return replace(wl, weights=(base, *rest))
+
+
+def describe_change(name: str, wl: Workload, n_devices: int) -> str:
+    k = wl.knobs
+    if name == "checkpointing":
+        return "gradient_checkpointing: true"
+    if name == "micro-batch":
+        if wl.stage in ("sft", "reward", "dpo"):
+            return (f"batch_size: {k.micro_batch}, gradient_accumulation_steps: {wl.accumulation} "
+                    f"(same {wl.mini_batch} per optimizer step)")
+        return f"gradient_accumulation_steps: {wl.accumulation} (micro-batch {k.micro_batch} of {wl.mini_batch})"
+    if name == "half frozen":
+        return "frozen models in fp16/bf16 (what-if: no setting yet)"
+    if name == "lora":
+        return f"lora_r: {k.lora_r} (one frozen base, adapters trained)"
+    if name == "fsdp":
+        return f"FSDP over {n_devices} processes (distributed: fsdp, planned)"
+    if name == "spread":
+        return "one model per device (what-if: rlhfkit runs one device per stage)"
+    if name == "offload":
+        return "optimizer state in host memory (what-if: CPU offload, not in rlhfkit)"
+    return name
+
