@@ -118,11 +118,13 @@ def render_text(p: Plan, suggestions: list[Suggestion], others: dict[str, Plan])
              f"attention: {wl.attn}; gradient checkpointing: {'on' if k.gradient_checkpointing else 'off'}"
              + (f"; LoRA r={k.lora_r}" if k.lora_r else "")]
     rows = k.micro_batch * wl.rows_per_item
+    n = len(devices) if k.layout == "fsdp" else 1
+    share = (lambda items: f" ({-(-items // n)} per process)") if n > 1 else (lambda items: "")
     batch = (f"micro-batch {k.micro_batch}" + (f" pairs ({rows} rows)" if wl.rows_per_item == 2 else "")
-             + f" x {wl.seq_len} tokens, {wl.accumulation} per optimizer step")
+             + f"{share(k.micro_batch)} x {wl.seq_len} tokens, {wl.accumulation} per optimizer step")
     if wl.gen_batch:
-        batch += (f"; generation {wl.gen_batch} x ({wl.prompt_len} prompt + {wl.new_tokens} new) tokens"
-                  f"; scoring {wl.score_batch} per forward")
+        batch += (f"; generation {wl.gen_batch}{share(wl.gen_batch)} x ({wl.prompt_len} prompt + {wl.new_tokens} "
+                  f"new) tokens; scoring {wl.score_batch}{share(wl.score_batch)} per forward")
     lines.append(batch)
     lines.append("")
     lines.append("where each model goes:")
