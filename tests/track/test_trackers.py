@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,30 @@ def test_mlflow_file_store_holds_params_metrics_and_artefacts(tmp_path, monkeypa
     assert card.read_text() == (out / "README.md").read_text()
 
 
-def wandb_records(run_file: Path) -> list:
-    """The records of a .wandb file (a LevelDB-style log: 32 KiB blocks of chunks with a 7-byte header each, after
-    the 7-byte file header ':W&B', magic 0xBEE1, version 0), parsed with wandb's own protobuf."""
+def wandb_records(run_file: Path, timeout_s: float = 120.0) -> list:
+    """The records of a finished run's .wandb file, once its last record (`exit`) is on disk.
+
+    wandb's service writes the file in 32 KiB blocks and flushes the last, partial one when it closes the run's
+    stream, which can be a moment after `run.finish()` returns while the service lives on (as it does inside one
+    pytest process); so wait for the file to end in `exit` instead of reading a half-flushed file."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = parse_wandb_file(run_file.read_bytes())
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in records]
+            raise AssertionError(f"{run_file} has no exit record after {timeout_s:.0f} s; records: {kinds}")
+        time.sleep(0.2)
+
+
+def parse_wandb_file(data: bytes) -> list:
+    """The complete records of a .wandb file (a LevelDB-style log: 32 KiB blocks of chunks with a 7-byte header
+    each, after the 7-byte file header ':W&B', magic 0xBEE1, version 0), parsed with wandb's own protobuf."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = run_file.read_bytes()
+    if len(data) < 7:  # not even the file header is on disk yet
+        return []
     assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
     block, pos, records, pending = 32768, 7, [], b""
     while pos + 7 <= len(data):
@@ -87,6 +106,8 @@ def wandb_records(run_file: Path) -> list:
         if kind == 0 and length == 0:  # zero padding to the end of a block
             pos += left - 7
             continue
+        if pos + length > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos:pos + length], pos + length
         pending = chunk if kind in (1, 2) else pending + chunk  # full/first start a record, middle/last extend it
         if kind in (1, 4):
