@@ -65,9 +65,9 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--mixed-precision auto|no|bf16]
+PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--device auto|cpu|cuda|cuda:N|mps] [--mixed-precision auto|no|bf16|fp16]
                         [--algos ppo,dpo,grpo,rloo] [--report-to tensorboard,mlflow,wandb,trackio]
-       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--mixed-precision auto|no|bf16] [--algos ...]
+       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--device auto|cpu|cuda:N] [--mixed-precision auto|no|bf16|fp16] [--algos ...]
                     [--report-to ...]
 
 Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.

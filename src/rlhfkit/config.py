@@ -33,6 +33,9 @@ class RunConfig:
     model: str = opt("embedded", "Model to start from: a local HF folder, 'embedded' (SmolLM2-135M-Instruct, "
                      "converted offline from a PyPI wheel) or 'tiny' (a random 2-layer Llama, for tests).")
     seed: int = opt(0, "Seed for data order, initialisation and sampling; the same seed and config repeat a run.")
+    device: str = opt("auto", "Where the stage runs: 'auto' (the first CUDA GPU when torch sees one, else the CPU), "
+                      "'cpu', 'cuda', 'cuda:N' or 'mps'. Models, batches and the decoding loop all run there; the "
+                      "stage prints its choice and config.yaml records it.")
     dtype: str = opt("float32", "Weights' dtype for training.", choices=("float32", "bfloat16"))
     mixed_precision: str = opt("auto", "'auto': bf16 where the hardware runs it natively (CPUs with AVX512-BF16 "
                                "or AMX, GPUs from Ampere on), else fp32; 'bf16': forward passes under bf16 "
@@ -340,6 +343,8 @@ class PipelineSettings:
     output_dir: str = opt("runs/pipeline", "Folder of the run: one sub-folder per stage, report.html, summary.json.")
     model: str = opt("embedded", "The starting policy (a local HF folder, 'embedded' or 'tiny').")
     seed: int = opt(0, "Seed of every stage.")
+    device: str = opt("auto", "Device of every stage unless its section says otherwise: auto, cpu, cuda, cuda:N or "
+                      "mps (see a stage's --help).")
     mixed_precision: str = opt("auto", "Precision of every stage unless its section says otherwise (see a stage's "
                                "--help).", choices=("auto", "no", "bf16", "fp16"))
     gold_scorer: str = opt("vader", "The simulated annotator's judge, and the evaluation's.")

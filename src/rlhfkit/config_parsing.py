@@ -21,6 +21,7 @@ import yaml
 from rlhfkit.config import (STAGES, AnnotateConfig, GRPOConfig, LoggingConfig, OptimizerConfig, PPOConfig,
                             SamplingConfig, TrainConfig)
 from rlhfkit.errors import ConfigError
+from rlhfkit.runtime.device import parse_device
 
 
 def field_specs(cls) -> dict[str, dataclasses.Field]:
@@ -249,6 +250,8 @@ def validate(config) -> None:
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")
+    if hasattr(config, "device"):
+        parse_device(config.device)
     if isinstance(config, LoggingConfig) and config.log_every < 1:
         raise ConfigError(f"key 'log_every': must be >= 1, got {config.log_every}")
     if config.max_prompt_length >= config.max_length:

@@ -3,7 +3,8 @@
     output_dir: runs/demo          # every stage writes a sub-folder here
     model: embedded                # the starting policy
     seed: 0
-    mixed_precision: auto          # auto|bf16|no, applied to every stage unless a section says otherwise
+    device: auto                   # auto|cpu|cuda|cuda:N|mps, applied to every stage unless a section says otherwise
+    mixed_precision: auto          # auto|bf16|fp16|no, applied to every stage unless a section says otherwise
     gold_scorer: vader             # the simulated annotator's judge, and the evaluation's
     system_prompt: ""              # optional: every stage's system turn (unset: the chat template's default)
     kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
@@ -53,6 +54,7 @@ class Pipeline:
     output_dir: Path
     model: str = "embedded"
     seed: int = 0
+    device: str = "auto"
     mixed_precision: str = "auto"
     gold_scorer: str = "vader"
     system_prompt: str | None = None
@@ -172,7 +174,7 @@ def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = 
     """A stage's config: pipeline-wide settings, then the wiring, then the user's section (which wins)."""
     cls = STAGES[stage]
     fields = {f for f in cls.__dataclass_fields__}
-    values = {"model": pipe.model, "seed": pipe.seed, "mixed_precision": pipe.mixed_precision,
+    values = {"model": pipe.model, "seed": pipe.seed, "device": pipe.device, "mixed_precision": pipe.mixed_precision,
               "report_to": list(pipe.report_to)}
     if "gold_scorer" in fields:
         values["gold_scorer"] = pipe.gold_scorer

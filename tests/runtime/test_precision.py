@@ -95,20 +95,23 @@ def test_resolve_precision_rewrites_the_config_and_prints_one_line(cpu_bf16, cap
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_a_stage_records_the_resolved_precision_in_config_yaml(tmp_path, cpu_bf16, capsys, native):
+def test_a_stage_records_the_resolved_precision_in_config_yaml(tmp_path, cpu_bf16, capsys, native, monkeypatch):
     from rlhfkit.annotate.stage import run_annotate
 
     from ..trainers.helpers import tiny_config, write_jsonl
 
     cpu_bf16(native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # 'auto' on a machine without a GPU
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about topic {i}"} for i in range(2)])
     config = tiny_config("annotate", data=prompts, output_dir=tmp_path / "ann", responses_per_prompt=2,
                          max_new_tokens=4, progress=False, mixed_precision="auto")
     run_annotate(config)
     written = yaml.safe_load((tmp_path / "ann" / "config.yaml").read_text())
     assert written["mixed_precision"] == ("bf16" if native else "no")
-    out = capsys.readouterr().out
-    assert ("precision: bf16 autocast" if native else "precision: fp32") in out.splitlines()[0]
+    assert written["device"] == "cpu"  # 'auto' resolved, on a machine without a GPU
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "device: cpu: 'auto' chose the CPU: torch sees no CUDA GPU"
+    assert ("precision: bf16 autocast" if native else "precision: fp32") in lines[1]
 
 
 def test_every_stage_and_preset_defaults_to_auto():

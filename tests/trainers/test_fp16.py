@@ -4,16 +4,14 @@ the scale travels in checkpoints, so resume stays exact."""
 
 import functools
 
-import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.ppo import run_ppo
 from rlhfkit.trainers.sft import run_sft
 
 from .helpers import save_random_reward_model, tiny_config, write_jsonl
-from .test_resume import Crash, comparable, crash_after_logging
+from .test_resume import assert_crash_and_resume_is_exact
 
 
 def sft_data(tmp_path):
@@ -39,16 +37,10 @@ def test_overflowing_steps_are_skipped_counted_and_the_scale_comes_down(tmp_path
 def test_fp16_sft_resumes_exactly(tmp_path, monkeypatch):
     common = dict(data=sft_data(tmp_path), max_steps=6, save_every=2, batch_size=4, progress=False, eval_every=0,
                   keep_last_n=0, mixed_precision="fp16", learning_rate=1e-3)
-    run_sft(tiny_config("sft", output_dir=tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, 3)
-        with pytest.raises(Crash):
-            run_sft(tiny_config("sft", output_dir=tmp_path / "crashed", **common))
-    run_sft(tiny_config("sft", output_dir=tmp_path / "crashed", resume=True, **common))
-    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "crashed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        comparable(read_metrics(tmp_path / "crashed" / "metrics.jsonl"))
+    rows = assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, run_sft, lambda out, resume: tiny_config("sft", output_dir=out, resume=resume, **common),
+        3)
+    assert "train/loss_scale" in rows[-1]  # the scaler ran, and its state came back with the checkpoint
 
 
 def test_fp16_ppo_scales_both_models_losses_with_one_scaler(tmp_path):

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import rlhfkit.trainers.grpo as grpo_module
 import rlhfkit.trainers.grpo_models as grpo_models
@@ -21,7 +20,7 @@ from rlhfkit.trainers.grpo import run_grpo, run_rloo
 from rlhfkit.runtime.metrics_log import read_metrics
 
 from .helpers import tiny_config, write_jsonl
-from .test_resume import Crash, comparable, crash_after_logging
+from .test_resume import assert_crash_and_resume_is_exact
 
 RUNS = {"grpo": run_grpo, "rloo": run_rloo}
 ALIGNED = "tests.trainers.rewards:aligned_tokens"
@@ -130,20 +129,12 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, prompts, stage):
     """Two passes of two mini-batches per rollout (ratios != 1); RLOO with its reference and KL in the reward."""
     common = dict(data=prompts, reward_function=ALIGNED, progress=False, max_steps=4, save_every=2,
                   sample_every=0, keep_last_n=0, num_iterations=2, learning_rate=1e-2)
-    run = RUNS[stage]
-    run(tiny_config(stage, output_dir=tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, 3)
-        with pytest.raises(Crash):
-            run(tiny_config(stage, output_dir=tmp_path / "crashed", **common))
-    run(tiny_config(stage, output_dir=tmp_path / "crashed", resume=True, **common))
-    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "crashed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert comparable(a) == comparable(b)
+    rows = assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, RUNS[stage],
+        lambda out, resume: tiny_config(stage, output_dir=out, resume=resume, **common), 3)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     if stage == "rloo":
-        assert "objective/kl" in b[-1] and "objective/non_score_reward" in b[-1]
+        assert "objective/kl" in rows[-1] and "objective/non_score_reward" in rows[-1]
 
 
 def error_line(args, capsys):

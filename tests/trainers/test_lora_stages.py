@@ -18,7 +18,7 @@ from rlhfkit.trainers.sft import run_sft
 
 from .helpers import keyword_pairs, tiny_config, write_jsonl
 from .test_ppo import prompts, reward_folder  # noqa: F401 (fixtures)
-from .test_resume import Crash, comparable, crash_after_logging
+from .test_resume import assert_crash_and_resume_is_exact
 
 LORA = dict(lora_r=8, lora_alpha=16)
 
@@ -67,19 +67,11 @@ def test_supervised_stages_with_lora_resume_exactly(tmp_path, monkeypatch, stage
             else keyword_pairs(40, seed=5))
     common = dict(data=write_jsonl(tmp_path / "d.jsonl", rows), max_steps=6, save_every=2, eval_every=3,
                   batch_size=4, progress=False, keep_last_n=0, learning_rate=1e-3, **LORA)
-    run(tiny_config(stage, output_dir=tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, 3)
-        with pytest.raises(Crash):
-            run(tiny_config(stage, output_dir=tmp_path / "crashed", **common))
-    run(tiny_config(stage, output_dir=tmp_path / "crashed", resume=True, **common))
-    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "crashed" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, run, lambda out, resume: tiny_config(stage, output_dir=out, resume=resume, **common),
+        3, files=("adapter_model.safetensors",))
     if stage == "reward":  # the scalar head trains in full and travels with the adapter
-        assert any("score" in k for k in a)
-    assert comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        comparable(read_metrics(tmp_path / "crashed" / "metrics.jsonl"))
+        assert any("score" in k for k in load_file(tmp_path / "crashed" / "adapter_model.safetensors"))
 
 
 def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, reward_folder, prompts, monkeypatch):
@@ -114,17 +106,9 @@ def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, rew
 def test_ppo_with_lora_resumes_exactly(tmp_path, monkeypatch, reward_folder, prompts):
     common = dict(data=prompts, reward_model=reward_folder, progress=False, max_steps=4, save_every=2,
                   sample_every=0, keep_last_n=0, learning_rate=1e-3, **LORA)
-    run_ppo(tiny_config("ppo", output_dir=tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, 3)
-        with pytest.raises(Crash):
-            run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", **common))
-    run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", resume=True, **common))
-    for part in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"):
-        a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "crashed" / part)
-        assert all(torch.equal(a[k], b[k]) for k in a), part
-    assert comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        comparable(read_metrics(tmp_path / "crashed" / "metrics.jsonl"))
+    assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, run_ppo, lambda out, resume: tiny_config("ppo", output_dir=out, resume=resume, **common),
+        3, files=("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"))
 
 
 def test_grpo_with_lora_uses_the_disabled_adapter_as_reference(tmp_path, reward_folder, prompts):

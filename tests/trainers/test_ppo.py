@@ -10,7 +10,7 @@ from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.ppo import run_ppo
 
 from .helpers import save_random_reward_model, tiny_config, write_jsonl
-from .test_resume import Crash, comparable, crash_after_logging
+from .test_resume import assert_crash_and_resume_is_exact, comparable
 
 REQUIRED = ("objective/kl", "objective/rlhf_reward", "objective/scores", "ppo/approx_kl", "ppo/clipfrac",
             "ppo/explained_variance", "ppo/entropy", "loss/policy", "loss/value", "response/length_mean",
@@ -62,19 +62,11 @@ def test_ppo_raises_the_reward_model_score(tmp_path, reward_folder):
 def test_ppo_resume_after_a_crash_is_exact(tmp_path, monkeypatch, reward_folder, prompts, crash_step):
     common = dict(data=prompts, reward_model=reward_folder, progress=False, max_steps=4, save_every=2,
                   sample_every=0, keep_last_n=0, adaptive_kl=True, kl_target=0.1, kl_horizon=100)
-    run_ppo(tiny_config("ppo", output_dir=tmp_path / "straight", **common))
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, crash_step)
-        with pytest.raises(Crash):
-            run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", **common))
-    run_ppo(tiny_config("ppo", output_dir=tmp_path / "crashed", resume=True, **common))
-    for part in ("model.safetensors", "critic/model.safetensors"):
-        a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "crashed" / part)
-        for key in a:
-            assert torch.equal(a[key], b[key]), (part, key)
-    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert comparable(a) == comparable(b)  # includes the adapted objective/kl_coef
+    # The metrics compared include the adapted objective/kl_coef.
+    rows = assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, run_ppo, lambda out, resume: tiny_config("ppo", output_dir=out, resume=resume, **common),
+        crash_step, files=("model.safetensors", "critic/model.safetensors"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
 def test_first_update_sees_ratio_one_under_bf16(tmp_path, reward_folder, prompts):

@@ -32,6 +32,27 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
 
 
+def assert_crash_and_resume_is_exact(tmp_path, monkeypatch, run, config, crash_step: int,
+                                     files=("model.safetensors",)) -> list[dict]:
+    """Run `config(output_dir, resume)` straight through, and again crashing right after it logs `crash_step` and
+    then resuming; assert that every file of `files` holds the same tensors bit for bit and that the metrics rows
+    agree (timings aside). Returns the resumed run's rows."""
+    run(config(tmp_path / "straight", False))
+    with monkeypatch.context() as patch:
+        crash_after_logging(patch, crash_step)
+        with pytest.raises(Crash):
+            run(config(tmp_path / "crashed", False))
+    run(config(tmp_path / "crashed", True))
+    for part in files:
+        straight, resumed = load_file(tmp_path / "straight" / part), load_file(tmp_path / "crashed" / part)
+        assert straight.keys() == resumed.keys(), part
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (part, key)
+    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
+    assert comparable(a) == comparable(b)
+    return b
+
+
 STAGES = {
     "sft": (run_sft, lambda tmp: write_jsonl(tmp / "d.jsonl", [{"prompt": f"Q{i}", "completion": f"A {i % 7}"}
                                                                 for i in range(20)])),
@@ -47,23 +68,11 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, stage, crash_step)
     data = make_data(tmp_path)
     common = dict(data=data, max_steps=8, save_every=2, eval_every=3, batch_size=4, progress=False,
                   gradient_accumulation_steps=2, warmup_ratio=0.25, keep_last_n=0)
-    run(tiny_config(stage, output_dir=tmp_path / "straight", **common))
-
-    with monkeypatch.context() as patch:
-        crash_after_logging(patch, crash_step)
-        with pytest.raises(Crash):
-            run(tiny_config(stage, output_dir=tmp_path / "crashed", **common))
     # 20 examples / batch 4 / accumulation 2: step 3 ends mid-epoch 2, so resume restarts inside an epoch.
-    run(tiny_config(stage, output_dir=tmp_path / "crashed", resume=True, **common))
-
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(tmp_path / "crashed" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "crashed" / "metrics.jsonl")
-    assert [r["step"] for r in b] == list(range(1, 9))
-    assert comparable(a) == comparable(b)
+    rows = assert_crash_and_resume_is_exact(
+        tmp_path, monkeypatch, run, lambda out, resume: tiny_config(stage, output_dir=out, resume=resume, **common),
+        crash_step)
+    assert [r["step"] for r in rows] == list(range(1, 9))
 
 
 def test_resume_without_checkpoints_starts_fresh_and_refuses_to_mix_runs(tmp_path):

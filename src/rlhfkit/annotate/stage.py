@@ -25,6 +25,7 @@ from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
+from rlhfkit.runtime.device import resolve_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -36,7 +37,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @tracked("annotate")
 def run_annotate(config: AnnotateConfig) -> Path:
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/annotate")
     records = prompt_records(config.data, "train", config.num_prompts)
     human = config.annotator == "human"
@@ -45,7 +47,7 @@ def run_annotate(config: AnnotateConfig) -> Path:
         guidelines = guidelines_text(config.guidelines)
     scorer = None if human else load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation, device)
     max_new = min(config.max_new_tokens, config.max_length - config.max_prompt_length)
     check_fits_context(model, config.max_prompt_length + max_new, "max_length")
     prepare_output_dir(out, config)
@@ -57,7 +59,7 @@ def run_annotate(config: AnnotateConfig) -> Path:
                                   config.system_prompt)
                   for r in records]
     repeated = [ids for ids in prompt_ids for _ in range(k)]
-    with autocast(config.mixed_precision):
+    with autocast(config.mixed_precision, device.type):
         samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
                                    config.batch_size, progress=config.progress,
                                    precision=config.mixed_precision)

@@ -43,6 +43,7 @@ from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
+from rlhfkit.runtime.device import resolve_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -58,7 +59,7 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
         samples = sample_responses(policy, tokenizer, ids, config.max_new_tokens, config.temperature,
                                    config.top_p, batch_size=len(ids), precision=config.mixed_precision)
         batch = build_rollout_batch(ids, [s.response_ids for s in samples], [s.ended for s in samples],
-                                    tokenizer.pad_token_id)
+                                    tokenizer.pad_token_id, config.device)
         texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         mask = batch.response_mask
         if ref is policy:  # KL of a model to itself: 0, without a scoring pass
@@ -112,19 +113,22 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
 
 @tracked("eval")
 def run_eval(config: EvalConfig) -> Path:
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/eval")
     records = prompt_records(config.data, "eval", config.num_prompts)
     gold = load_gold_scorer(config.gold_scorer)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation).eval()
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
+                            device).eval()
     ref = policy if not config.ref_model or config.ref_model == config.model else \
-        load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code, config.attn_implementation).eval()
+        load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code, config.attn_implementation,
+                       device).eval()
     reward = None
     if config.reward_model:
         rm_tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
         rm = load_reward_model(config.reward_model, rm_tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
-                               config.attn_implementation)
+                               config.attn_implementation, device)
         reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template,
                               config.system_prompt)
     # eval's responses are not bounded by max_length: a prompt and max_new_tokens must fit.
@@ -144,7 +148,7 @@ def run_eval(config: EvalConfig) -> Path:
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
                                   config.system_prompt)
                   for r in repeated]
-    with autocast(config.mixed_precision):
+    with autocast(config.mixed_precision, device.type):
         ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
     # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5),
     # from their own seed: they depend on the reference alone, so other evaluations can reuse them.
@@ -152,7 +156,7 @@ def run_eval(config: EvalConfig) -> Path:
         theirs = {"texts": reused}
     else:
         seed_everything(config.seed + 1)
-        with autocast(config.mixed_precision):
+        with autocast(config.mixed_precision, device.type):
             theirs = _sample_and_score(ref, None, tokenizer, repeated, prompt_ids, config, None)
     prompts = [prompt_text(r["prompt"]) for r in repeated]
     gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])

@@ -112,14 +112,14 @@ def attention_kernel(name: str) -> str:
 
 
 def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote_code: bool = False,
-                   attn_implementation: str = "auto"):
-    """An `AutoModelForCausalLM` from a local folder, with dropout off (RL and RM training want
+                   attn_implementation: str = "auto", device: str = "cpu"):
+    """An `AutoModelForCausalLM` from a local folder, on `device`, with dropout off (RL and RM training want
     deterministic forward passes: the ratio and the KL must compare the same function)."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_path(None if path is None else str(path))
     if lora.is_adapter_folder(folder):  # a LoRA stage's output: its base with the adapter merged in
-        base = load_causal_lm(lora.adapter_base(folder), dtype, trust_remote_code, attn_implementation)
+        base = load_causal_lm(lora.adapter_base(folder), dtype, trust_remote_code, attn_implementation, device)
         return merge_adapter(base, folder)
     check_model_folder(folder, trust_remote_code)
     try:
@@ -133,7 +133,7 @@ def load_causal_lm(path: str | Path | None, dtype: str = "float32", trust_remote
         raise UserError(f"{folder}: cannot load the model: {first_line(exc)}") from exc
     check_loaded_weights(folder, info)
     disable_dropout(model)
-    return model
+    return model.to(device)
 
 
 def merge_adapter(base, folder: Path):

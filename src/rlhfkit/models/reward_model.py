@@ -22,13 +22,14 @@ from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 
 def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "float32",
-                      trust_remote_code: bool = False, attn_implementation: str = "auto"):
-    """A scalar-head model from a reward-model folder, or a fresh head on a causal-LM folder's trunk."""
+                      trust_remote_code: bool = False, attn_implementation: str = "auto", device: str = "cpu"):
+    """A scalar-head model from a reward-model folder, or a fresh head on a causal-LM folder's trunk, on `device`."""
     from transformers import AutoModelForSequenceClassification
 
     folder = resolve_model_path(None if path is None else str(path))
     if lora.is_adapter_folder(folder):  # trained with LoRA: the base's trunk, adapter and score head merged
-        base = load_reward_model(lora.adapter_base(folder), pad_token_id, dtype, trust_remote_code, attn_implementation)
+        base = load_reward_model(lora.adapter_base(folder), pad_token_id, dtype, trust_remote_code, attn_implementation,
+                                 device)
         return merge_adapter(base, folder)
     check_model_folder(folder, trust_remote_code)
     try:
@@ -45,7 +46,7 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
     # Used by transformers' own pooling when others load our folder; keep it right.
     model.config.pad_token_id = pad_token_id
     disable_dropout(model)
-    return model
+    return model.to(device)
 
 
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -35,6 +35,10 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
     def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given rows, without the columns that are padding in all of them.
 
@@ -43,7 +47,7 @@ class RolloutBatch:
         P' = the sub-batch's own prompt width, and its R' <= R response columns are the first R' of the
         full batch's: per-token tensors of the full batch are aligned by slicing them `[rows, :R']`.
         """
-        index = torch.as_tensor(rows, dtype=torch.long)
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         mask = self.attention_mask[index]
         P = self.prompt_width
         used = mask.any(dim=0)  # (P + R,) columns some selected row uses
@@ -57,6 +61,7 @@ class RolloutBatch:
     def micro_batches(self, rows: torch.Tensor, size: int):
         """Split `rows` into micro-batches of `size`, grouping rows of similar length so that trimming in
         `select` removes most padding. Yields (row indices, trimmed sub-batch)."""
+        rows = rows.to(self.device)  # the yielded indices address this batch's (and its Experience's) tensors
         lengths = self.attention_mask[rows].sum(dim=1)
         rows = rows[torch.argsort(lengths, stable=True)]
         for start in range(0, len(rows), size):
@@ -65,8 +70,8 @@ class RolloutBatch:
 
 
 def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], ended: list[bool],
-                        pad_id: int) -> RolloutBatch:
-    """Lay out B prompts (left-padded) and their responses (right-padded) as one batch."""
+                        pad_id: int, device: torch.device | str = "cpu") -> RolloutBatch:
+    """Lay out B prompts (left-padded) and their responses (right-padded) as one batch, on `device`."""
     B = len(prompts)
     P = max(len(p) for p in prompts)
     R = max(1, max(len(r) for r in responses))
@@ -78,7 +83,8 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], en
         if response:
             input_ids[row, P:P + len(response)] = torch.tensor(response, dtype=torch.long)
             attention_mask[row, P:P + len(response)] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask),
-                        response_mask=attention_mask[:, P:].float(), ended=torch.tensor(ended, dtype=torch.bool),
-                        prompt_width=P)
+                        response_mask=attention_mask[:, P:].float(),
+                        ended=torch.tensor(ended, dtype=torch.bool, device=device), prompt_width=P)

@@ -23,6 +23,7 @@ import torch
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_prompts
 from rlhfkit.models.precision import bf16_weights
+from rlhfkit.runtime.device import module_device, to_device
 from rlhfkit.rollout.scoring import has_own_logit_path, lm_head_logits
 
 
@@ -112,12 +113,12 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
     per row unless `with_logprobs`: they cost a log-softmax over the vocabulary at every step)."""
     B = batch["input_ids"].shape[0]
     responses: list[list[int]] = [[] for _ in range(B)]
-    eos_tensor = torch.tensor(sorted(eos))
+    eos_tensor = torch.tensor(sorted(eos), device=batch["input_ids"].device)
     attention_mask, position_ids = batch["attention_mask"], batch["position_ids"]
     logprobs: list[list[float]] = [[] for _ in range(B)]
     logits, cache = _next_logits(model, batch["input_ids"], attention_mask, position_ids, None)
     position_ids = position_ids[:, -1:]  # (b, 1)
-    rows = torch.arange(B)  # original row of each row still decoding
+    rows = torch.arange(B, device=eos_tensor.device)  # original row of each row still decoding
     for step in range(max_new_tokens):
         tokens = sample_from_logits(logits, temperature, top_p)  # (b,)
         for row, token in zip(rows.tolist(), tokens.tolist()):
@@ -168,6 +169,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     from tqdm.auto import tqdm
 
     eos = eos_token_ids(model, tokenizer)
+    device = module_device(model)  # prompts go where the model is
     was_training = model.training
     model.eval()
     samples = []
@@ -177,7 +179,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     with _decoding_attention(model), weights:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]
-            batch = collate_prompts(chunk, tokenizer.pad_token_id)
+            batch = to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
             responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos, with_logprobs)
             for prompt, response, logprob in zip(chunk, responses, logprobs):
                 samples.append(Sample(prompt, response, bool(response) and response[-1] in eos, logprob))

@@ -15,6 +15,7 @@ from rlhfkit.data.collate import left_pad
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.reward_model import score_sequences
 from rlhfkit.rollout.batch import RolloutBatch
+from rlhfkit.runtime.device import module_device, to_device
 
 
 # Config fields of models whose logits are more than `lm_head(hidden)`; those take the model's own path.
@@ -182,5 +183,5 @@ class RewardScorer:
             ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
             # Only a finished response gets an end-of-turn: the reward model must see truncation as such.
             sequences.append(ids + [self.tokenizer.eos_token_id] if ended else ids)
-        padded = left_pad(sequences, self.tokenizer.pad_token_id)
+        padded = to_device(left_pad(sequences, self.tokenizer.pad_token_id), module_device(self.model))
         return score_sequences(self.model, padded["input_ids"], padded["attention_mask"], padded["position_ids"])

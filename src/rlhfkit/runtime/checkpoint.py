@@ -153,6 +153,8 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     for name, obj in stateful.items():
         torch.save(obj.state_dict(), tmp / f"{name}.pt")
     torch.save(torch.get_rng_state(), tmp / "rng_torch.pt")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # sampling on a GPU draws from its own RNG
+        torch.save(torch.cuda.get_rng_state_all(), tmp / "rng_cuda.pt")
     state = dict(trainer_state, step=step, rng=rng_state())
     (tmp / "trainer_state.json").write_text(json.dumps(state))
     (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
@@ -189,6 +191,10 @@ def load_checkpoint(path: Path, stateful: dict) -> dict:
         for name, obj in stateful.items():
             obj.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
         set_rng_state(state["rng"], torch.load(path / "rng_torch.pt", weights_only=True))
+        if (path / "rng_cuda.pt").is_file() and torch.cuda.is_available():
+            cuda_states = torch.load(path / "rng_cuda.pt", weights_only=True, map_location="cpu")
+            for index, cuda_state in enumerate(cuda_states[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot resume from this checkpoint: {exc}") from exc
     return state

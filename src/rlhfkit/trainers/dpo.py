@@ -26,6 +26,7 @@ from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
+from rlhfkit.runtime.device import resolve_device, to_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -59,9 +60,10 @@ def pair_loss(model, ref, batch: dict, config: DPOConfig):
     return loss, metrics, chosen.shape[0]
 
 
-def precompute_reference(ref, examples: list[dict], collate, batch_size: int, mixed_precision: str) -> None:
+def precompute_reference(ref, examples: list[dict], collate, batch_size: int, mixed_precision: str,
+                         device_type: str = "cpu") -> None:
     """Store the reference's log-probs of each pair in its example (`ref_chosen`, `ref_rejected`)."""
-    with torch.no_grad(), autocast(mixed_precision):
+    with torch.no_grad(), autocast(mixed_precision, device_type):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             chosen, rejected = pair_logps(ref, collate(chunk))
@@ -85,14 +87,15 @@ def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict
 
 @tracked("dpo")
 def run_dpo(config: DPOConfig) -> Path:
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = resolve_output_dir(config, "dpo")
     train_records, eval_records = train_eval_records(config, "preference")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     train, evals = [[tokenize_preference(tokenizer, r, config.max_prompt_length, config.max_length,
                                          config.use_chat_template, config.system_prompt) for r in records]
                     for records in (train_records, eval_records)]
-    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation, device)
     with_lora(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     if uses_lora(config) and config.ref_model in (None, config.model):
@@ -100,7 +103,7 @@ def run_dpo(config: DPOConfig) -> Path:
         model, ref = Role(model, "default"), Role(model, None)
     else:
         ref = load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
-                             config.attn_implementation)
+                             config.attn_implementation, device)
         ref.requires_grad_(False).eval()
     for loaded in (model, ref):
         check_fits_context(loaded, config.max_length, "max_length")
@@ -113,10 +116,10 @@ def run_dpo(config: DPOConfig) -> Path:
         if all("ref_chosen" in example for example in batch):
             collated["ref_chosen"] = torch.tensor([example["ref_chosen"] for example in batch])
             collated["ref_rejected"] = torch.tensor([example["ref_rejected"] for example in batch])
-        return collated
+        return to_device(collated, device)
 
     if config.precompute_ref_logprobs:
-        precompute_reference(ref, train + evals, collate, config.batch_size, config.mixed_precision)
+        precompute_reference(ref, train + evals, collate, config.batch_size, config.mixed_precision, device.type)
         ref = None  # freed: training holds one model
 
     def loss_fn(model, batch: dict, normaliser: float):

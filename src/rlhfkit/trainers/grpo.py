@@ -60,7 +60,7 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
                                precision=config.mixed_precision)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                [s.ended for s in samples], models.tokenizer.pad_token_id)
+                                [s.ended for s in samples], models.tokenizer.pad_token_id, config.device)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     generated = time.perf_counter()
     models.policy.eval()
@@ -69,10 +69,11 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
     # KL to the reference; the reference's only when beta > 0.
     need_old = models.ref is not None or not single_on_policy_step(config)
     sources = models.rewards
-    exp = Experience(batch, records, texts, scores=torch.zeros(B),
-                     logprobs=torch.zeros(B, R) if need_old else None,
-                     ref_logprobs=torch.zeros(B, R) if models.ref is not None else None,
-                     reward_parts=torch.zeros(len(sources.names), B))
+    zeros = batch.response_mask.new_zeros  # float32, on the rollout's device
+    exp = Experience(batch, records, texts, scores=zeros(B),
+                     logprobs=zeros(B, R) if need_old else None,
+                     ref_logprobs=zeros(B, R) if models.ref is not None else None,
+                     reward_parts=zeros(len(sources.names), B))
     if config.mask_truncated_completions:  # DAPO: no loss on completions that hit max_new_tokens
         exp.loss_mask = batch.response_mask * batch.ended.unsqueeze(1).float()
     micro = config.forward_batch_size or mini_batch_size(config) // config.gradient_accumulation_steps
@@ -87,8 +88,9 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
                 exp.reward_parts[0, idx] = sources.model(sub, [records[i]["prompt"] for i in idx.tolist()],
                                                          [texts[i] for i in idx.tolist()]).float()
     n_model = 1 if sources.model is not None else 0
-    exp.reward_parts[n_model:] = sources.function_rewards(records, texts, batch)
-    exp.scores = (torch.tensor(sources.weights).unsqueeze(1) * exp.reward_parts).sum(0)  # (B,)
+    exp.reward_parts[n_model:] = sources.function_rewards(records, texts, batch).to(batch.device)
+    weights = torch.tensor(sources.weights, device=batch.device)  # (S,)
+    exp.scores = (weights.unsqueeze(1) * exp.reward_parts).sum(0)  # (B,)
     exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
     return exp
 

@@ -83,7 +83,8 @@ def load_reward_sources(config: GRPOConfig, policy_tokenizer) -> RewardSources:
 def load_group_models(config: GRPOConfig) -> GroupModels:
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     rewards = load_reward_sources(config, tokenizer)
-    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
+                            config.device)
     set_gradient_checkpointing(policy, config.gradient_checkpointing)
     if uses_lora(config):  # one base: the reference is the policy with its adapter off
         if config.ref_model and config.ref_model != config.model:

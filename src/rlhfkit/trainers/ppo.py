@@ -43,18 +43,19 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
                                with_logprobs=config.logprobs_from_sampling, precision=config.mixed_precision)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                [s.ended for s in samples], models.tokenizer.pad_token_id)
+                                [s.ended for s in samples], models.tokenizer.pad_token_id, config.device)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     generated = time.perf_counter()
     models.policy.eval()
     B, R = batch.response_mask.shape
-    exp = Experience(batch, records, texts, scores=torch.zeros(B), logprobs=torch.zeros(B, R),
-                     ref_logprobs=torch.zeros(B, R), values=torch.zeros(B, R))
+    zeros = batch.response_mask.new_zeros  # float32, on the rollout's device
+    exp = Experience(batch, records, texts, scores=zeros(B), logprobs=zeros(B, R), ref_logprobs=zeros(B, R),
+                     values=zeros(B, R))
     # Score in micro-batches of similar lengths: less padding, and memory bounded like the update's.
     micro = config.forward_batch_size or config.mini_batch_size // config.gradient_accumulation_steps
     if config.logprobs_from_sampling:
         for i, sample in enumerate(samples):
-            exp.logprobs[i, :len(sample.logprobs)] = torch.tensor(sample.logprobs)
+            exp.logprobs[i, :len(sample.logprobs)] = torch.tensor(sample.logprobs, device=batch.device)
     for idx, sub in batch.micro_batches(torch.arange(B), micro):
         width = sub.response_mask.shape[1]
         if not config.logprobs_from_sampling:

@@ -57,7 +57,8 @@ def load_ppo_models(config: PPOConfig) -> PPOModels:
 def full_models(config: PPOConfig, tokenizer):
     """Three models and the reward model: the policy, a frozen reference, and a critic started from the reward
     model or the policy (loaded in this order: a fresh critic head is drawn from the RNG after the others)."""
-    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
+                            config.device)
     ref = load_reference(config)
     scorer = load_reward_scorer(config, tokenizer)
     if config.critic_init == "reward" and not scorer.reuse_ids:
@@ -65,7 +66,7 @@ def full_models(config: PPOConfig, tokenizer):
                         f"critic (which reads the policy's tokens); use --critic-init policy")
     critic_from = config.reward_model if config.critic_init == "reward" else config.model
     critic = load_reward_model(critic_from, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
-                               config.attn_implementation)
+                               config.attn_implementation, config.device)
     for trained in (policy, critic):
         set_gradient_checkpointing(trained, config.gradient_checkpointing)
     return policy, ref, critic, scorer
@@ -78,12 +79,16 @@ def lora_roles(config: PPOConfig):
     if config.ref_model and config.ref_model != config.model:
         raise UserError("--ref-model: with LoRA the reference is the policy's base with its adapter off; "
                         "drop --ref-model, or train in full (--lora-r 0)")
-    base = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    base = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
+                          config.device)
     for name in ("policy", "critic"):
         with_lora(base, config, name)
     set_gradient_checkpointing(base, config.gradient_checkpointing)
-    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=base.get_input_embeddings().weight.dtype)
+    weight = base.get_input_embeddings().weight
+    # Drawn on the CPU and then moved, so that a seed gives the same head on every device.
+    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=weight.dtype)
     torch.nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
+    head.to(weight.device)
     return Role(base, "policy"), Role(base, None), Role(base, "critic", score=head)
 
 
@@ -94,7 +99,8 @@ def shared_reward_scorer(config: PPOConfig, base, tokenizer) -> RewardScorer | N
             and str(Path(lora.adapter_base(config.reward_model)).resolve()) == base_path(config)):
         return None
     extra = lora.attach_adapter_folder(base, config.reward_model, "reward")
-    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=base.get_input_embeddings().weight.dtype)
+    weight = base.get_input_embeddings().weight
+    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=weight.dtype, device=weight.device)
     head.load_state_dict({"weight": extra["score.weight"]})
     head.requires_grad_(False)
     role = Role(base, "reward", score=head).eval()

@@ -19,6 +19,7 @@ from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
+from rlhfkit.runtime.device import resolve_device, to_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -64,7 +65,8 @@ def evaluate_pairs(model, examples: list, collate, batch_size: int, gold_diffs: 
 
 @tracked("reward")
 def run_reward(config: RewardConfig) -> Path:
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = resolve_output_dir(config, "reward")
     train_records, eval_records = train_eval_records(config, "preference")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
@@ -90,7 +92,7 @@ def run_reward(config: RewardConfig) -> Path:
         gold_diffs = [c - r for c, r in zip(chosen, rejected)]
     seed_everything(config.seed)  # the fresh scalar head is initialised from the RNG
     model = load_reward_model(config.model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
-                              config.attn_implementation)
+                              config.attn_implementation, device)
     with_lora(model, config, score_head=True)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
@@ -99,7 +101,7 @@ def run_reward(config: RewardConfig) -> Path:
     def collate(batch):
         collated = collate_pairs(batch, tokenizer.pad_token_id)
         collated["margin"] = torch.tensor([example["margin"] for example in batch])
-        return collated
+        return to_device(collated, device)
 
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=reward_loss(config.use_margin),

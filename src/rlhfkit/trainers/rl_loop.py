@@ -30,6 +30,7 @@ from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
+from rlhfkit.runtime.device import resolve_device, stage_device
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import clip_gradients
@@ -57,7 +58,8 @@ class RLAlgorithm:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
         self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
-        self.scaler = LossScaler(config.mixed_precision)     # fp16's loss scale; backward goes through it
+        self.device = stage_device(config)                   # where models, rollouts and updates live
+        self.scaler = LossScaler(config.mixed_precision, self.device.type)  # fp16's loss scale; backward uses it
 
     # Sizes of one iteration.
     def samples_per_prompt(self) -> int:
@@ -117,7 +119,7 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
             # One autocast context per mini-batch, closed before the optimizer steps. Autocast keeps its bf16
             # copy of each weight until its context exits: the micro-batches share one cast, and no forward
             # after a step can see the weights from before it (a context around the whole update would).
-            with autocast(config.mixed_precision):
+            with autocast(config.mixed_precision, algo.device.type):
                 for idx, sub in exp.batch.micro_batches(rows, micro):
                     metrics = algo.micro_batch_loss(sub, idx, exp, normaliser)
                     share = float(loss_units(exp.mask[idx, :sub.response_mask.shape[1]], algo.loss_aggregation)
@@ -169,7 +171,8 @@ def _repeat(items: list, k: int) -> list:
 
 def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = resolve_output_dir(config, algorithm.stage)
     records = load_prompts_for(config, keep_extra=algorithm.keep_extra_fields)
     n_prompts = getattr(config, algorithm.prompts_field)
@@ -203,7 +206,7 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             started = time.perf_counter()
             rows = order.indices(step)
             # 1-2. rollout and score (each prompt's k samples contiguous)
-            with autocast(config.mixed_precision):
+            with autocast(config.mixed_precision, device.type):
                 exp = algo.rollout(_repeat([records[i] for i in rows], k), _repeat([prompt_ids[i] for i in rows], k))
             # 3-4. rewards and advantages
             metrics = algo.advantages(exp)

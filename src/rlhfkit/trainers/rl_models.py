@@ -45,14 +45,14 @@ def _frozen(model, config):
 def load_reference(config):
     """The frozen reference policy: --ref-model, else the starting policy."""
     return _frozen(load_causal_lm(config.ref_model or config.model, config.dtype, config.trust_remote_code,
-                                  config.attn_implementation), config)
+                                  config.attn_implementation, config.device), config)
 
 
 def load_reward_scorer(config, policy_tokenizer) -> RewardScorer:
     """The frozen reward model of --reward-model, scoring with its own tokenizer when it has one."""
     tokenizer = load_tokenizer(config.reward_model, config.trust_remote_code)
     model = load_reward_model(config.reward_model, tokenizer.pad_token_id, config.dtype, config.trust_remote_code,
-                              config.attn_implementation)
+                              config.attn_implementation, config.device)
     return RewardScorer(_frozen(model, config), tokenizer, policy_tokenizer, config.max_prompt_length,
                         config.use_chat_template, config.system_prompt)
 

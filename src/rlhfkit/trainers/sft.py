@@ -19,6 +19,7 @@ from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
 from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
+from rlhfkit.runtime.device import resolve_device, to_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -51,7 +52,8 @@ def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: i
 @tracked("sft")
 def run_sft(config: SFTConfig) -> Path:
     """Train; write the model folder, config.yaml, metrics.jsonl and checkpoints under output_dir."""
-    resolve_precision(config)
+    device = resolve_device(config)
+    resolve_precision(config, device.type)
     out = resolve_output_dir(config, "sft")
     train_records, eval_records = train_eval_records(config, "sft")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
@@ -63,14 +65,14 @@ def run_sft(config: SFTConfig) -> Path:
 
     train, evals = encode(train_records), encode(eval_records)
     seed_everything(config.seed)
-    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation)
+    model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation, device)
     with_lora(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
     check_fits_context(model, config.max_length, "max_length")
     prepare_output_dir(out, config)
 
     def collate(batch):
-        return collate_sft(batch, tokenizer.pad_token_id)
+        return to_device(collate_sft(batch, tokenizer.pad_token_id), device)
 
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=sft_loss,

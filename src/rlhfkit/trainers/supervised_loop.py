@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.errors import UserError
+from rlhfkit.runtime.device import stage_device
 from rlhfkit.runtime.precision import LossScaler, autocast
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.runtime.checkpoint import seed_everything
@@ -31,7 +32,7 @@ from rlhfkit.trainers.run_context import RunContext
 class SupervisedTask:
     model: torch.nn.Module
     train_examples: list
-    collate: Callable[[list], dict]
+    collate: Callable[[list], dict]  # examples -> a batch of tensors on the stage's device
     # loss(model, batch, normaliser) -> (loss, metrics). `normaliser` counts the loss units (completion
     # tokens, pairs) of the whole accumulation window, so summed micro-batch losses equal one big batch's.
     loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
@@ -59,7 +60,8 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
     guard = NonFiniteGuard(config.max_bad_steps)
-    scaler = LossScaler(config.mixed_precision)  # fp16's dynamic loss scale; a pass-through otherwise
+    device_type = stage_device(config).type  # the task's collate puts batches there
+    scaler = LossScaler(config.mixed_precision, device_type)  # fp16's dynamic loss scale; a pass-through otherwise
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
     if scaler.active:
         stateful["loss_scaler"] = scaler
@@ -84,7 +86,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             loss_sum = 0.0
             # One autocast context per optimizer step: autocast keeps its bf16 copy of each weight until the
             # context exits, so the micro-batches share one cast, and the next step's forward sees new weights.
-            with autocast(config.mixed_precision):
+            with autocast(config.mixed_precision, device_type):
                 for batch, weight in zip(batches, units):
                     loss, metrics = task.loss(task.model, batch, normaliser)
                     scaler.backward(loss)  # in the dtypes the forward chose; fp16: the loss scaled first
@@ -111,7 +113,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
             if evaluating:
                 task.model.eval()
-                with torch.no_grad(), autocast(config.mixed_precision):
+                with torch.no_grad(), autocast(config.mixed_precision, device_type):
                     row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
                 task.model.train()
             logged = evaluating or step % config.log_every == 0 or step == steps
