@@ -40,6 +40,10 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert set(summary["timings_s"]) == {"sft", "annotate", "reward", "ppo", "eval-sft", "eval-ppo"}
     page = (out / "report.html").read_text()
     assert "Before and after" in page and "PPO training curves" in page and "Sample generations" in page
+    # The best-of-n baseline of the reference: drawn once, by the starting policy's evaluation.
+    assert [r["n"] for r in summary["best_of_n"]] == [1, 2, 4, 8, 16] and "Best-of-n baseline" in page
+    assert summary["best_of_n"] == summary["policies"]["sft"]["best_of_n"]
+    assert "best_of_n" not in summary["policies"]["ppo"] and not (out / "eval" / "ppo" / "best_of_n.jsonl").exists()
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
     # The reference's samples are drawn once, by the first evaluation, and reused by the others.

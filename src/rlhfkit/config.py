@@ -333,6 +333,9 @@ class EvalConfig(SamplingConfig, RunConfig):
     reference_samples: str | None = opt(None, "An earlier eval's folder whose reference samples to reuse instead "
                                         "of sampling the reference again: it must have had the same reference, "
                                         "prompts, seed and sampling settings (checked).")
+    best_of_n: int = opt(0, "Best-of-n baseline, up to this n (0: off; needs --reward-model): per prompt, n samples "
+                         "of the reference, the one the reward model scores highest kept; gold score and the "
+                         "closed-form KL log n - (n-1)/n for n = 1, 2, 4, ... up to it, in eval.json and the report.")
 
 
 @dataclass

@@ -246,7 +246,7 @@ def validate(config) -> None:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
     nonneg = ("max_steps", "eval_every", "save_every", "keep_last_n", "max_samples", "num_prompts",
               "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate",
-              "forward_batch_size", "beta", "mini_batch_size")
+              "forward_batch_size", "beta", "mini_batch_size", "best_of_n")
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")

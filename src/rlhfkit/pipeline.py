@@ -237,9 +237,11 @@ def _run_stages(pipe: Pipeline, runner) -> Path | None:
             continue
         if waiting_for_labels(pipe, stage, config):
             return None
-        if stage == "eval" and name != "eval-sft" and (out / "eval" / "sft" / "reference.json").exists():
-            # The reference's samples depend on the reference alone: sampled once, by the first evaluation.
-            config.reference_samples = str(out / "eval" / "sft")
+        if stage == "eval" and name != "eval-sft":
+            config.best_of_n = 0  # the baseline depends on the reference alone: eval-sft draws it, once
+            if (out / "eval" / "sft" / "reference.json").exists():
+                # The reference's samples depend on the reference alone: sampled once, by the first evaluation.
+                config.reference_samples = str(out / "eval" / "sft")
         if hasattr(config, "resume") and Path(config.output_dir, "checkpoints").is_dir():
             config.resume = True  # an interrupted training stage continues from its last checkpoint
         print(f"pipeline: running {name} -> {config.output_dir}")

@@ -70,3 +70,41 @@ def test_reference_samples_are_reused_only_when_sampled_the_same_way(tmp_path, o
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="no reusable reference samples"):
         run_eval(tiny_config("eval", output_dir=tmp_path / "y", reference_samples=str(tmp_path), **settings))
+
+
+def test_best_of_n_picks_by_the_reward_model_and_reports_the_closed_form_kl(tmp_path, other_model):
+    from rlhfkit.core.best_of_n import best_of_n_kl
+    from rlhfkit.eval.gold import load_gold_scorer
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about {w}"} for w in "abcdef"])
+    out = tmp_path / "ev"
+    run_eval(tiny_config("eval", data=prompts, output_dir=out, reward_model=other_model, samples_per_prompt=1,
+                         max_new_tokens=8, best_of_n=8, progress=False))
+    rows = json.loads((out / "eval.json").read_text())["best_of_n"]
+    assert [r["n"] for r in rows] == [1, 2, 4, 8]
+    assert [r["kl"] for r in rows] == [best_of_n_kl(n) for n in (1, 2, 4, 8)]
+    drawn = [json.loads(line) for line in (out / "best_of_n.jsonl").read_text().splitlines()]
+    assert [d["prompt"] for d in drawn] == [f"Tell me about {w}" for w in "abcdef"]
+    assert all(len(d["responses"]) == len(d["proxy"]) == len(d["gold"]) == 8 for d in drawn)
+    # The gold scores in the file are the gold scorer's, and the rows follow from the file by a naive loop.
+    gold = load_gold_scorer("vader")
+    for d in drawn:
+        assert d["gold"] == pytest.approx(gold([d["prompt"]] * 8, d["responses"]))
+    for row in rows:
+        n = row["n"]
+        picked = [max(range(n), key=lambda j: (d["proxy"][j], -j)) for d in drawn]
+        assert row["gold_reward_mean"] == pytest.approx(sum(d["gold"][j] for d, j in zip(drawn, picked)) / 6)
+        assert row["proxy_reward_mean"] == pytest.approx(sum(d["proxy"][j] for d, j in zip(drawn, picked)) / 6)
+    proxies = [r["proxy_reward_mean"] for r in rows]
+    assert proxies == sorted(proxies) and proxies[-1] > proxies[0]  # a larger n keeps a higher-scored sample
+
+
+def test_best_of_n_without_a_reward_model_is_one_clear_error(tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--preset", "tiny", "--best-of-n", "4", "--output-dir", str(out), "--progress", "false"]) == 2
+    assert capsys.readouterr().err.strip() == ("rlhfkit eval: error: key 'best_of_n': the best-of-n baseline ranks "
+                                               "samples with a reward model; give --reward-model, or set best_of_n "
+                                               "to 0")
+    assert not out.exists()

@@ -16,7 +16,10 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
   scorer, ties counting one half. The reference's samples are drawn from their own seed (seed + 1), so they
   do not depend on the policy: a pipeline samples them once and its other evaluations reuse them
   (`reference_samples`, checked against `reference.json`);
-- response_length: response tokens (EOS included).
+- response_length: response tokens (EOS included);
+- best_of_n (with `best_of_n` N > 0 and a reward model): per prompt, N more samples of the reference (seed + 2);
+  for n = 1, 2, 4, ... N, the gold score of the one the reward model scores highest among the first n, with
+  its closed-form KL log n - (n-1)/n (core.best_of_n), as Gao et al. 2022 compare RL with it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from rlhfkit.eval.gold import load_gold_scorer
 from rlhfkit.config import EvalConfig
 from rlhfkit.track.stage import tracked
+from rlhfkit.core.best_of_n import best_of_n_kl, best_of_n_pick, best_of_n_sizes
 from rlhfkit.core.stats import mean_ci95, win_rate
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
@@ -76,6 +80,32 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalC
         if reward is not None:
             out["proxy"] += reward(batch, [r["prompt"] for r in recs], texts).tolist()
     return out
+
+
+def _best_of_n(ref, tokenizer, records: list[dict], prompt_ids: list[list[int]], config: EvalConfig,
+               reward: RewardScorer, gold) -> tuple[list[dict], list[dict]]:
+    """The best-of-n baseline: N = config.best_of_n samples of the reference per prompt (its own seed, seed + 2),
+    scored by the reward model and the gold scorer. Returns one row per reported n, and per prompt its N
+    responses with both scores (best_of_n.jsonl)."""
+    N = config.best_of_n
+    repeated = [r for r in records for _ in range(N)]
+    seed_everything(config.seed + 2)
+    with autocast(config.mixed_precision, torch.device(config.device).type):
+        drawn = _sample_and_score(ref, None, tokenizer, repeated, [ids for ids in prompt_ids for _ in range(N)],
+                                  config, reward)
+    gold_scores = gold([prompt_text(r["prompt"]) for r in repeated], drawn["texts"])
+    proxy = torch.tensor(drawn["proxy"], dtype=torch.float64).view(len(records), N)  # (P, N)
+    gold_t = torch.tensor(gold_scores, dtype=torch.float64).view(len(records), N)  # (P, N)
+    rows = []
+    for n in best_of_n_sizes(N):
+        chosen_gold, chosen_proxy = best_of_n_pick(proxy, gold_t, n)  # (P,) each
+        stats, proxy_stats = mean_ci95(chosen_gold), mean_ci95(chosen_proxy)
+        rows.append({"n": n, "kl": best_of_n_kl(n), "gold_reward_mean": stats["mean"],
+                     "gold_reward_ci95": stats["ci95"], "proxy_reward_mean": proxy_stats["mean"],
+                     "proxy_reward_ci95": proxy_stats["ci95"]})
+    samples = [{"prompt": r["prompt"], "responses": drawn["texts"][i * N:(i + 1) * N], "proxy": proxy[i].tolist(),
+                "gold": gold_t[i].tolist()} for i, r in enumerate(records)]
+    return rows, samples
 
 
 def _reference_key(config: EvalConfig, records: list[dict]) -> dict:
@@ -132,6 +162,9 @@ def run_eval(config: EvalConfig) -> Path:
         reward = RewardScorer(rm.eval(), rm_tokenizer, tokenizer, config.max_prompt_length, config.use_chat_template,
                               config.system_prompt)
     # eval's responses are not bounded by max_length: a prompt and max_new_tokens must fit.
+    if config.best_of_n and reward is None:
+        raise ConfigError("key 'best_of_n': the best-of-n baseline ranks samples with a reward model; give "
+                          "--reward-model, or set best_of_n to 0")
     for loaded in [policy, ref] + ([rm] if reward is not None else []):
         check_fits_context(loaded, config.max_prompt_length + config.max_new_tokens, "max_new_tokens")
     sizes = {m.get_output_embeddings().weight.shape[0] for m in (policy, ref)}
@@ -177,6 +210,13 @@ def run_eval(config: EvalConfig) -> Path:
         result[f"{name}_mean"] = stats["mean"]
         result[f"{name}_ci95"] = stats["ci95"]
         result[f"{name}_std"] = stats["std"]
+    if config.best_of_n:
+        # prompt_ids holds each prompt k times in a row: every k-th is each prompt once.
+        result["best_of_n"], best_of_n_samples = _best_of_n(ref, tokenizer, records, prompt_ids[::k], config, reward,
+                                                           gold)
+        with open(out / "best_of_n.jsonl", "w", encoding="utf-8") as handle:
+            for row in best_of_n_samples:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "reference.json").write_text(json.dumps(key, indent=2))
     with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:

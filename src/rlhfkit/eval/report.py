@@ -87,8 +87,14 @@ def curves_png(rows: list[dict], curves: list[tuple[str, str]], xlabel: str) -> 
     return png
 
 
+def best_of_n_rows(evals: dict[str, dict]) -> list[dict]:
+    """The best-of-n baseline of the reference (drawn by one evaluation, usually the starting policy's), or []."""
+    return next((ev["best_of_n"] for ev in evals.values() if ev.get("best_of_n")), [])
+
+
 def gold_vs_kl_png(evals: dict[str, dict]) -> str | None:
-    """Each policy as a point on the (KL to reference, gold score) plane, with 95% intervals."""
+    """Each policy as a point on the (KL to reference, gold score) plane, with 95% intervals; the best-of-n
+    baseline of the reference as a curve over n, at its closed-form KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +110,16 @@ def gold_vs_kl_png(evals: dict[str, dict]) -> str | None:
                     yerr=[[gold - ev["gold_reward_ci95"][0]], [ev["gold_reward_ci95"][1] - gold]], fmt="o", capsize=4,
                     label=name)
         ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    baseline = best_of_n_rows(evals)
+    if baseline:
+        kls, golds = [r["kl"] for r in baseline], [r["gold_reward_mean"] for r in baseline]
+        ax.errorbar(kls, golds, yerr=[[g - r["gold_reward_ci95"][0] for g, r in zip(golds, baseline)],
+                                      [r["gold_reward_ci95"][1] - g for g, r in zip(golds, baseline)]],
+                    fmt="s--", color="grey", capsize=3, alpha=0.8, label="best-of-n of the reference")
+        for r in baseline:
+            ax.annotate(f"n={r['n']}", (r["kl"], r["gold_reward_mean"]), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8, color="grey")
+        ax.legend(fontsize=8, loc="best")
     exact = all(kl_key(ev) == "kl_exact" for ev in evals.values())
     ax.set_xlabel("KL to reference (nats / response" + (", exact)" if exact else ")"))
     ax.set_ylabel("Gold score (held-out)")
@@ -147,6 +163,8 @@ def build_summary(out: Path, kl_budget: float, timings: dict, order: tuple[str, 
         "total_s": sum(timings.values()),
         "checks": {},
     }
+    if best_of_n_rows(evals):
+        summary["best_of_n"] = best_of_n_rows(evals)
     base = evals.get("sft")
     for name, ev in evals.items():
         if name == "sft" or base is None:
@@ -210,6 +228,15 @@ def write_report(out: Path, kl_budget: float, timings: dict, order: tuple[str, .
         plane = gold_vs_kl_png(evals)
         if plane:
             parts.append(f"<h2>Gold score against KL to the reference</h2><img src='data:image/png;base64,{plane}'>")
+        baseline = best_of_n_rows(evals)
+        if baseline:
+            rows = "".join(f"<tr><td>{r['n']}</td><td>{r['kl']:.3f}</td><td>{_fmt(r, 'gold_reward')}</td>"
+                           f"<td>{_fmt(r, 'proxy_reward')}</td></tr>" for r in baseline)
+            parts.append("<h2>Best-of-n baseline</h2><p>Per prompt, n samples of the reference; the one the reward "
+                         "model scores highest is kept. KL to the reference: log n - (n-1)/n (closed form). A trained "
+                         "policy above this curve at the same KL beat a method that needs no training.</p>"
+                         f"<table><tr><th>n</th><th>KL (nats)</th><th>gold score</th><th>reward-model score</th></tr>"
+                         f"{rows}</table>")
     for stage, (xlabel, wanted) in CURVES.items():
         metrics = out / stage / "metrics.jsonl"
         curves = curves_png(read_metrics(metrics), wanted, xlabel) if metrics.is_file() else None
