@@ -47,7 +47,7 @@ from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
-from rlhfkit.runtime.device import resolve_device
+from rlhfkit.runtime.device import resolve_device, stage_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -90,7 +90,7 @@ def _best_of_n(ref, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     N = config.best_of_n
     repeated = [r for r in records for _ in range(N)]
     seed_everything(config.seed + 2)
-    with autocast(config.mixed_precision, torch.device(config.device).type):
+    with autocast(config.mixed_precision, stage_device(config).type):
         drawn = _sample_and_score(ref, None, tokenizer, repeated, [ids for ids in prompt_ids for _ in range(N)],
                                   config, reward)
     gold_scores = gold([prompt_text(r["prompt"]) for r in repeated], drawn["texts"])

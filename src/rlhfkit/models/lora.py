@@ -87,26 +87,28 @@ def active_adapter(model) -> str | None:
 
 
 def activate(model, name: str | None) -> None:
-    """Route every LoRA layer through adapter `name` (None: no adapter, the base alone); grads untouched."""
-    for layer in lora_layers(model):
+    """Route every LoRA layer through adapter `name` (None: no adapter, the base alone); grads untouched.
+
+    Only LoRA layers switch: a model whose adapters take turns (the roles of models/roles.py) carries its heads
+    outside peft, and a reward model's head trained in full (`modules_to_save`) belongs to its only adapter."""
+    _route(lora_layers(model), name)
+
+
+def _route(layers: list, name: str | None) -> None:
+    for layer in layers:
         if name is None:
             layer._disable_adapters = True
         else:
             layer._active_adapter = [name]
             layer._disable_adapters = False
-        # modules_to_save wrappers (a score head trained in full) follow the same switch.
-    for module in model.modules():
-        if hasattr(module, "modules_to_save") and hasattr(module, "_active_adapter") and name is not None:
-            if name in module.modules_to_save:
-                module._active_adapter = [name]
 
 
 @contextlib.contextmanager
 def using(model, name: str | None):
     """Within: the forward path of adapter `name` (None: the base alone); after: whatever was active before."""
-    layers = lora_layers(model)
+    layers = lora_layers(model)  # one walk over the modules per forward, not two
     before = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
-    activate(model, name)
+    _route(layers, name)
     try:
         yield model
     finally:
