@@ -44,6 +44,16 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert [r["n"] for r in summary["best_of_n"]] == [1, 2, 4, 8, 16] and "Best-of-n baseline" in page
     assert summary["best_of_n"] == summary["policies"]["sft"]["best_of_n"]
     assert "best_of_n" not in summary["policies"]["ppo"] and not (out / "eval" / "ppo" / "best_of_n.jsonl").exists()
+    # The capability benchmark (lm-eval, the local task), before and after; the reference is scored once.
+    rows = {(r["task"], r["metric"]): r for r in summary["benchmark"]}
+    assert set(rows) == {("rlhfkit_reply_choice", "acc"), ("rlhfkit_reply_choice", "acc_norm")}
+    acc = rows["rlhfkit_reply_choice", "acc_norm"]
+    assert acc["n"] == 40 and set(acc["policies"]) == {"sft", "ppo"}
+    assert acc["policies"]["sft"]["delta"] == 0.0 and acc["policies"]["sft"]["delta_stderr"] == 0.0
+    assert acc["policies"]["ppo"]["delta"] == pytest.approx(acc["policies"]["ppo"]["value"] - acc["reference"]["value"])
+    assert "Capability benchmark (lm-eval)" in page
+    saved = [json.loads((out / "eval" / d / "reference_benchmark.json").read_text()) for d in ("sft", "ppo")]
+    assert saved[0] == saved[1]
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
     # The reference's samples are drawn once, by the first evaluation, and reused by the others.
@@ -69,7 +79,8 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
         assert summary["policies"][name]["model"].endswith(name) and summary["policies"][name]["n"] == 16
     page = (out / "report.html").read_text()
     assert "DPO training curves" in page and "GRPO training curves" in page
-    assert page.count("<th>grpo</th>") == 2  # the before/after table and the samples side by side
+    # The before/after table, the capability benchmark and the samples side by side.
+    assert page.count("<th>grpo</th>") == 3
 
 
 @pytest.mark.parametrize("preset", ["default", "tiny"])

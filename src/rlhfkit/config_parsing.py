@@ -246,7 +246,7 @@ def validate(config) -> None:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")
     nonneg = ("max_steps", "eval_every", "save_every", "keep_last_n", "max_samples", "num_prompts",
               "max_grad_norm", "weight_decay", "label_temperature", "eval_batches", "learning_rate",
-              "forward_batch_size", "beta", "mini_batch_size", "best_of_n")
+              "forward_batch_size", "beta", "mini_batch_size", "best_of_n", "benchmark_limit")
     for name in nonneg:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise ConfigError(f"key '{name}': must be >= 0, got {getattr(config, name)}")
@@ -280,6 +280,10 @@ def validate(config) -> None:
             raise ConfigError(f"key 'dual_clip': must be > 1, got {config.dual_clip}")
     if isinstance(config, SamplingConfig) and config.temperature <= 0:
         raise ConfigError(f"key 'temperature': must be > 0, got {config.temperature}")
+    if getattr(config, "benchmark", None):  # lm-eval missing or a task it lacks: said before any model loads
+        from rlhfkit.eval.benchmark import check_benchmark
+
+        check_benchmark(config.benchmark)
     if getattr(config, "report_to", None):  # a tracker asked for but not installed: say so before anything runs
         from rlhfkit.track.registry import check_installed
 

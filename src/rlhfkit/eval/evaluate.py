@@ -17,6 +17,8 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
   do not depend on the policy: a pipeline samples them once and its other evaluations reuse them
   (`reference_samples`, checked against `reference.json`);
 - response_length: response tokens (EOS included);
+- benchmark (with `benchmark`, lm-eval:TASK[,TASK]): a capability benchmark of the policy and the reference,
+  and its change (eval.benchmark); the reference's scores are reused from `reference_samples` when the same;
 - best_of_n (with `best_of_n` N > 0 and a reward model): per prompt, N more samples of the reference (seed + 2);
   for n = 1, 2, 4, ... N, the gold score of the one the reward model scores highest among the first n, with
   its closed-form KL log n - (n-1)/n (core.best_of_n), as Gao et al. 2022 compare RL with it.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.eval.benchmark import check_benchmark, check_tasks, compare, run_benchmark
 from rlhfkit.eval.gold import load_gold_scorer
 from rlhfkit.config import EvalConfig
 from rlhfkit.track.stage import tracked
@@ -47,7 +50,7 @@ from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
-from rlhfkit.runtime.device import resolve_device, stage_device
+from rlhfkit.runtime.device import module_device, resolve_device, stage_device
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -136,6 +139,30 @@ def _reused_reference(folder: str, key: dict, n: int) -> list[str]:
     return [row["reference_response"] for row in rows]
 
 
+def _benchmark(bench, policy, ref, tokenizer, config: EvalConfig, key: dict, out: Path) -> dict:
+    """The benchmark's scores of both models, compared. The reference's depend on it alone: written to
+    reference_benchmark.json, and read back from `reference_samples` when that one was scored the same way."""
+    ref_key = {"ref_model": key["ref_model"], "tasks": list(bench.tasks), "limit": config.benchmark_limit,
+               "seed": config.seed, "dtype": config.dtype, "mixed_precision": config.mixed_precision}
+    reference = None
+    if config.reference_samples:
+        earlier = Path(config.reference_samples) / "reference_benchmark.json"
+        if earlier.is_file():
+            saved = json.loads(earlier.read_text())
+            reference = saved["scores"] if saved.get("key") == ref_key else None
+    with autocast(config.mixed_precision, module_device(policy).type):
+        print(f"eval: benchmark {','.join(bench.tasks)} (lm-eval) on the policy")
+        ours = run_benchmark(bench, policy, tokenizer, config.batch_size, config.benchmark_limit, config.seed)
+        if reference is None and ref is policy:
+            reference = ours
+        elif reference is None:
+            print(f"eval: benchmark {','.join(bench.tasks)} (lm-eval) on the reference")
+            reference = run_benchmark(bench, ref, tokenizer, config.batch_size, config.benchmark_limit, config.seed)
+    (out / "reference_benchmark.json").write_text(json.dumps({"key": ref_key, "scores": reference}, indent=2))
+    return {"harness": bench.harness, "limit": config.benchmark_limit,
+            "tasks": compare(ours, reference, same_model=ref is policy)}
+
+
 def _per_prompt(values: list[float], k: int) -> torch.Tensor:
     """Average the k consecutive samples of each prompt: (N * k,) -> (N,)."""
     return torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)
@@ -148,6 +175,9 @@ def run_eval(config: EvalConfig) -> Path:
     out = Path(config.output_dir or "runs/eval")
     records = prompt_records(config.data, "eval", config.num_prompts)
     gold = load_gold_scorer(config.gold_scorer)
+    bench = check_benchmark(config.benchmark) if config.benchmark else None
+    if bench is not None:
+        check_tasks(bench)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     policy = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
                             device).eval()
@@ -217,6 +247,8 @@ def run_eval(config: EvalConfig) -> Path:
         with open(out / "best_of_n.jsonl", "w", encoding="utf-8") as handle:
             for row in best_of_n_samples:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if bench is not None:
+        result["benchmark"] = _benchmark(bench, policy, ref, tokenizer, config, key, out)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "reference.json").write_text(json.dumps(key, indent=2))
     with open(out / "samples.jsonl", "w", encoding="utf-8") as handle:

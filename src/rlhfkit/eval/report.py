@@ -92,6 +92,47 @@ def best_of_n_rows(evals: dict[str, dict]) -> list[dict]:
     return next((ev["best_of_n"] for ev in evals.values() if ev.get("best_of_n")), [])
 
 
+def benchmark_rows(evals: dict[str, dict]) -> list[dict]:
+    """One row per benchmark task and metric: the reference's score and each policy's, with standard errors and
+    the change from the reference; [] without a benchmark."""
+    rows: dict[tuple[str, str], dict] = {}
+    for name, ev in evals.items():
+        for task, entry in (ev.get("benchmark") or {}).get("tasks", {}).items():
+            for metric, m in entry["metrics"].items():
+                row = rows.setdefault((task, metric), {
+                    "task": task, "metric": metric, "n": entry["n"], "higher_is_better": m["higher_is_better"],
+                    "reference": {"value": m["reference"], "stderr": m["reference_stderr"]}, "policies": {}})
+                row["policies"][name] = {"value": m["policy"], "stderr": m["policy_stderr"], "delta": m["delta"],
+                                         "delta_stderr": m["delta_stderr"]}
+    return list(rows.values())
+
+
+def _pm(value: float, stderr: float | None) -> str:
+    return f"{value:.3f}" + (f" <span class=ci>&plusmn; {stderr:.3f}</span>" if stderr is not None else "")
+
+
+def _benchmark_section(rows: list[dict], names: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = ""
+    for r in rows:
+        cells = ""
+        for n in names:
+            p = r["policies"].get(n)
+            if p is None:
+                cells += "<td>&ndash;</td>"
+                continue
+            change = f"change {p['delta']:+.3f}"
+            if p["delta_stderr"] is not None:
+                change += f" &plusmn; {p['delta_stderr']:.3f}"
+            cells += f"<td>{_pm(p['value'], p['stderr'])}<div class=gold>{change}</div></td>"
+        body += (f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(r['metric'])}</td><td>{r['n']}</td>"
+                 f"<td>{_pm(r['reference']['value'], r['reference']['stderr'])}</td>{cells}</tr>")
+    return ("<h2>Capability benchmark (lm-eval)</h2><p>What the gold score's gain cost: each policy and the reference "
+            "on the same documents, &plusmn; one standard error (lm-eval's); the change's error treats the two as "
+            "independent, so it is conservative.</p>"
+            f"<table><tr><th>task</th><th>metric</th><th>documents</th><th>reference</th>{head}</tr>{body}</table>")
+
+
 def gold_vs_kl_png(evals: dict[str, dict]) -> str | None:
     """Each policy as a point on the (KL to reference, gold score) plane, with 95% intervals; the best-of-n
     baseline of the reference as a curve over n, at its closed-form KL."""
@@ -165,6 +206,8 @@ def build_summary(out: Path, kl_budget: float, timings: dict, order: tuple[str, 
     }
     if best_of_n_rows(evals):
         summary["best_of_n"] = best_of_n_rows(evals)
+    if benchmark_rows(evals):
+        summary["benchmark"] = benchmark_rows(evals)
     base = evals.get("sft")
     for name, ev in evals.items():
         if name == "sft" or base is None:
@@ -237,6 +280,8 @@ def write_report(out: Path, kl_budget: float, timings: dict, order: tuple[str, .
                          "policy above this curve at the same KL beat a method that needs no training.</p>"
                          f"<table><tr><th>n</th><th>KL (nats)</th><th>gold score</th><th>reward-model score</th></tr>"
                          f"{rows}</table>")
+    if summary.get("benchmark"):
+        parts.append(_benchmark_section(summary["benchmark"], names))
     for stage, (xlabel, wanted) in CURVES.items():
         metrics = out / stage / "metrics.jsonl"
         curves = curves_png(read_metrics(metrics), wanted, xlabel) if metrics.is_file() else None
