@@ -17,7 +17,8 @@ RANKS = {
     "rollout": 4,
     "trainers": 5, "annotate": 5, "eval": 5, "label": 5, "plan": 5,  # plan: shapes and bytes, no trainers
     "config_parsing": 6, "pipeline": 6,
-    "cli": 7, "__main__": 8, "__init__": 8,
+    "cli": 7, "mlrun_functions": 7,  # MLRun handlers run stages as the CLI does
+    "__main__": 8, "__init__": 8,
 }
 
 
