@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlhfkit {command}: interrupted", file=sys.stderr)
         return 130
-    if out is not None:
+    from rlhfkit.runtime.distributed import processes
+
+    if out is not None and processes().main:  # under a launcher, the process that wrote it says so
         print(f"rlhfkit {command}: wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0
 

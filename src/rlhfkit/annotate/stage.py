@@ -26,6 +26,7 @@ from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.runtime.device import resolve_device
+from rlhfkit.runtime.distributed import one_process_only
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -37,6 +38,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @tracked("annotate")
 def run_annotate(config: AnnotateConfig) -> Path:
+    one_process_only("annotate")
     device = resolve_device(config)
     resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/annotate")

@@ -51,6 +51,7 @@ from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
 from rlhfkit.runtime.device import module_device, resolve_device, stage_device
+from rlhfkit.runtime.distributed import one_process_only
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -170,6 +171,7 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
 
 @tracked("eval")
 def run_eval(config: EvalConfig) -> Path:
+    one_process_only("eval")
     device = resolve_device(config)
     resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/eval")

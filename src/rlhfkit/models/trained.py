@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.runtime.distributed import processes
 from rlhfkit.models import lora
 from rlhfkit.models.roles import Role
 from rlhfkit.runtime.checkpoint import load_model_weights
@@ -81,5 +82,8 @@ def base_path(config) -> str:
 
 
 def write_merged(folder: Path, tokenizer, fresh_base) -> None:
-    """`folder/merged`: a fresh copy of the base with the adapter saved in `folder` merged in (`merge: true`)."""
+    """`folder/merged`: a fresh copy of the base with the adapter saved in `folder` merged in (`merge: true`);
+    by the main process only, when there are several."""
+    if not processes().main:
+        return
     save_hf_folder(lora.merge_adapter_folder(fresh_base(), folder), tokenizer, Path(folder) / "merged")

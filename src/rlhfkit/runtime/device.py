@@ -68,7 +68,14 @@ def resolve_device(config) -> torch.device:
     before `resolve_precision`, which depends on the device's type."""
     import torch
 
-    device, reason = choose_device(getattr(config, "device", "cpu"))
+    from rlhfkit.runtime.distributed import init_processes, processes
+
+    requested = getattr(config, "device", "cpu")
+    procs = processes()
+    if procs.many and requested in ("auto", "cuda") and torch.cuda.is_available():
+        requested = f"cuda:{procs.local_rank}"  # one GPU per process, as the launcher numbered them
+    device, reason = choose_device(requested)
+    init_processes(device.type)
     config.device = str(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels and the caching allocator default to it

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rlhfkit.runtime.distributed import processes
+
 # Called with (path of the log, row) after every row written: how experiment trackers (rlhfkit.track) see the
 # metrics of any stage without the stages knowing them. Registered with `listening`.
 _LISTENERS: list[Callable[[Path, dict], None]] = []
@@ -53,6 +55,10 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        # Several processes log the same (reduced) rows: the main one writes them.
+        self.enabled = processes().main
+        if not self.enabled:
+            return
         if resume_step is not None and self.path.exists():
             kept = [line for line, row in _lines(self.path) if row.get("step", 0) <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -63,6 +69,8 @@ class MetricsLog:
             self.path.unlink()
 
     def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
         plain = {k: _plain(v) for k, v in row.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(plain) + "\n")

@@ -10,6 +10,7 @@ import yaml
 
 from rlhfkit.errors import UserError
 from rlhfkit.runtime.checkpoint import list_checkpoints
+from rlhfkit.runtime.distributed import processes
 
 
 def resolve_output_dir(config, stage: str) -> Path:
@@ -29,6 +30,8 @@ def to_yaml(config) -> str:
 
 
 def prepare_output_dir(out: Path, config) -> None:
+    if not processes().main:  # several processes: the main one writes
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(config))
 

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator
 
+from rlhfkit.runtime.distributed import processes
 from rlhfkit.runtime.metrics_log import listening
 from rlhfkit.track.base import RunSpec, Tracker, flatten, numbers
 from rlhfkit.track.registry import open_tracker, tracker_class
@@ -175,7 +176,8 @@ def tracked(stage: str) -> Callable:
     def wrap(run: Callable) -> Callable:
         @functools.wraps(run)
         def run_tracked(config):
-            if not getattr(config, "report_to", None):
+            # Several processes (torchrun): the main one tracks, as it alone writes files.
+            if not getattr(config, "report_to", None) or not processes().main:
                 return run(config)
             with stage_tracking(config, stage, Path(config.output_dir or f"runs/{stage}")):
                 return run(config)

@@ -31,6 +31,7 @@ from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.runtime.device import resolve_device, stage_device
+from rlhfkit.runtime.distributed import one_process_only
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import clip_gradients
@@ -171,6 +172,7 @@ def _repeat(items: list, k: int) -> list:
 
 def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
+    one_process_only(type(config).__name__.removesuffix("Config").lower())
     device = resolve_device(config)
     resolve_precision(config, device.type)
     out = resolve_output_dir(config, algorithm.stage)

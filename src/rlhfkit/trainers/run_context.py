@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from rlhfkit.errors import UserError
 from rlhfkit.runtime.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.runtime.distributed import barrier, processes
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import StopRequest, TrainingStopped
 from rlhfkit.runtime.metrics_log import MetricsLog
@@ -78,7 +79,12 @@ class RunContext:
         stopping = self.stop.signum is not None and step < self.total
         every = self.config.save_every
         if step == self.total or stopping or (every and step % every == 0):
-            saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n)
+            procs = processes()
+            # Every process holds the same weights and optimizer state (gradients are summed before the step):
+            # the main one writes them, and the others wait until the checkpoint is whole.
+            saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n) \
+                if procs.main else self.out / "checkpoints" / f"step-{step}"
+            barrier(procs)
             if stopping:
                 self.close_progress()
                 raise TrainingStopped(self.stop.signum, step, saved)

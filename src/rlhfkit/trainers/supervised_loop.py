@@ -4,6 +4,10 @@ A trainer hands the loop a `SupervisedTask` (model, tokenised examples, collate,
 rest the same way for every stage: a seeded order of micro-batches, gradient accumulation normalised over the
 whole accumulation window, clipping, AdamW with warm-up + decay, metrics.jsonl, evaluation every N steps,
 atomic checkpoints every N steps, and resume from the newest one.
+
+Under a launcher (torchrun, accelerate launch) with N processes, `batch_size` stays global: each micro-batch of
+the seeded order is split over the processes, the loss is normalised by the window's global count of units, and
+the gradients are summed over processes (models/parallel.py), so N processes take the same steps as one.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from rlhfkit.runtime.device import stage_device
 from rlhfkit.runtime.precision import LossScaler, autocast
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.runtime.checkpoint import seed_everything
+from rlhfkit.runtime.distributed import barrier, my_share, processes, sum_across
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
+from rlhfkit.models.parallel import GradientSum
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
 from rlhfkit.trainers.run_context import RunContext
 
@@ -68,6 +74,8 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     run = RunContext(config, output_dir, steps, guard, stateful)
     state = run.resume(task.load_model)
     step, microbatch = (state["step"], state["microbatch"]) if state is not None else (0, 0)
+    procs = processes()
+    parallel = GradientSum(task.model, procs, stage_device(config))
     log = run.log("metrics")
     params = [p for p in task.model.parameters() if p.requires_grad]
     accum = config.gradient_accumulation_steps
@@ -77,22 +85,33 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     with stop_on_signals() as run.stop:
         while step < steps:
             started = time.perf_counter()
-            batches = [task.collate([task.train_examples[i] for i in order.indices(microbatch + k)])
-                       for k in range(accum)]
+            batches, real = [], []
+            for k in range(accum):
+                indices = order.indices(microbatch + k)
+                mine = my_share(indices, procs)
+                # A process with no share of a micro-batch (fewer examples than processes) still takes part in
+                # the gradient sum, with a stand-in example whose loss counts zero.
+                batches.append(task.collate([task.train_examples[i] for i in mine or indices[:1]]))
+                real.append(bool(mine))
             microbatch += accum
-            units = [float(task.units(b)) for b in batches]
-            normaliser = max(sum(units), 1.0)
+            units = [float(task.units(b)) if r else 0.0 for b, r in zip(batches, real)]
+            normaliser = max(sum_across([sum(units)], procs)[0], 1.0)  # the window's units over all processes
             totals: dict[str, float] = {}
             loss_sum = 0.0
             # One autocast context per optimizer step: autocast keeps its bf16 copy of each weight until the
             # context exits, so the micro-batches share one cast, and the next step's forward sees new weights.
             with autocast(config.mixed_precision, device_type):
-                for batch, weight in zip(batches, units):
-                    loss, metrics = task.loss(task.model, batch, normaliser)
-                    scaler.backward(loss)  # in the dtypes the forward chose; fp16: the loss scaled first
-                    loss_sum += loss.item()
+                for k, (batch, weight) in enumerate(zip(batches, units)):
+                    with parallel.sync(last=k == accum - 1):
+                        loss, backprop, metrics = parallel.loss(task.loss, batch, normaliser)
+                        # in the dtypes the forward chose; fp16: the loss scaled first
+                        scaler.backward(backprop if real[k] else backprop * 0.0)
+                    loss_sum += loss.item() if real[k] else 0.0
                     for key, value in metrics.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * weight / normaliser
+            if procs.many:  # each process summed its share: the step's loss and metrics are their sums
+                loss_sum, *sums = sum_across([loss_sum, *totals.values()], procs)
+                totals = dict(zip(totals, sums))
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             scaler.unscale(optimizer)  # fp16: true-sized gradients before clipping
             grad_norm = clip_gradients(params, max_norm)
@@ -131,6 +150,8 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
     run.close_progress()
     task.model.eval()
-    task.save_model(output_dir)
-    write_model_card(output_dir, config, desc)
+    if procs.main:
+        task.save_model(output_dir)
+        write_model_card(output_dir, config, desc)
+    barrier(procs)  # the model folder is whole before any process moves on (a merge, the next stage)
     return rows

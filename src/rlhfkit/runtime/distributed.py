@@ -1,0 +1,90 @@
+"""One process or several: the process group, who this process is, and the few global reductions a loop needs.
+
+A launcher (`torchrun --nproc-per-node N -m rlhfkit sft ...`, or `accelerate launch -m rlhfkit sft ...`) starts N
+copies of the command and tells each its place through the environment (WORLD_SIZE, RANK, LOCAL_RANK and the
+rendezvous address). Without a launcher there is one process, no process group, and every function here is the
+identity: the single-process path is the same code with N = 1.
+
+The rules the loops follow (what peers have got wrong at times):
+- batch sizes are global: each step's batch is split over the processes (`my_share`), so a config means the same
+  thing on any number of them;
+- losses are normalised by global counts (`sum_across`), and the gradients summed over processes, so N processes
+  take the same step as one process with the same global batch;
+- metrics are reduced before they are logged, and only the main process (rank 0) writes files.
+The backend is gloo on the CPU and NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0        # this process's place among all, 0 .. world - 1
+    world: int = 1       # how many processes run the stage
+    local_rank: int = 0  # its place on this machine: the CUDA device it takes
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and prints results."""
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world > 1
+
+
+def processes() -> Processes:
+    """This process's place, from the launcher's environment (one process when there is none)."""
+    return Processes(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
+                     local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_processes(device_type: str) -> Processes:
+    """Join the process group when a launcher started several processes (once per process)."""
+    procs = processes()
+    if procs.many and not torch.distributed.is_initialized():
+        # A peer that died leaves the others waiting in a collective: fail within minutes rather than hang for
+        # the default 30 (torchrun tears the job down when one process exits with an error anyway).
+        timeout = datetime.timedelta(seconds=float(os.environ.get("RLHFKIT_DIST_TIMEOUT_S", 600)))
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    return procs
+
+
+def one_process_only(stage: str) -> None:
+    """Stop a stage that does not run under several processes yet, before it does anything, rather than let
+    each process run the whole stage on its own."""
+    from rlhfkit.errors import UserError
+
+    procs = processes()
+    if procs.many:
+        raise UserError(f"{stage} runs in one process for now ({procs.world} were launched); run it without "
+                        f"torchrun or accelerate launch. sft, reward and dpo run under them (DDP)")
+
+
+def my_share(indices: list[int], procs: Processes) -> list[int]:
+    """This process's part of a global batch: every world-th example from its rank on (shares differ in size
+    by at most one; a process gets none when the batch has fewer examples than there are processes)."""
+    return indices[procs.rank::procs.world]
+
+
+def sum_across(values: list[float], procs: Processes) -> list[float]:
+    """Element-wise sums over all processes, in float64 (counts and metric sums stay exact enough to compare
+    with one process's)."""
+    if not procs.many:
+        return list(values)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def barrier(procs: Processes) -> None:
+    """Wait for every process (e.g. until the main one has written a checkpoint that the others will read)."""
+    if procs.many:
+        torch.distributed.barrier()
