@@ -54,6 +54,8 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert "Capability benchmark (lm-eval)" in page
     saved = [json.loads((out / "eval" / d / "reference_benchmark.json").read_text()) for d in ("sft", "ppo")]
     assert saved[0] == saved[1]
+    printed = capsys.readouterr().out  # eval-sft's policy is the reference; eval-ppo reuses its scores
+    assert printed.count("(lm-eval) on the policy") == 2 and "(lm-eval) on the reference" not in printed
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
     # The reference's samples are drawn once, by the first evaluation, and reused by the others.

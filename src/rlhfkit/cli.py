@@ -102,6 +102,9 @@ def run_pipeline_command(command: str, rest: list[str]):
     if "-h" in rest or "--help" in rest:
         print(PIPELINE_USAGE)
         return None
+    from rlhfkit.runtime.distributed import one_process_only
+
+    one_process_only(command)  # its stages would each run N times over
     if command == "pipeline":
         if not rest or rest[0].startswith("--"):
             raise UserError("pipeline needs a YAML file: rlhfkit pipeline FILE.yaml")
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rlhfkit {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "rlhfkit.runtime.distributed" in sys.modules:  # a stage ran: leave its process group, if any
+            sys.modules["rlhfkit.runtime.distributed"].finish_processes()
     from rlhfkit.runtime.distributed import processes
 
     if out is not None and processes().main:  # under a launcher, the process that wrote it says so

@@ -337,7 +337,7 @@ class EvalConfig(SamplingConfig, RunConfig):
                          "of the reference, the one the reward model scores highest kept; gold score and the "
                          "closed-form KL log n - (n-1)/n for n = 1, 2, 4, ... up to it, in eval.json and the report.")
     benchmark: str | None = opt(None, "Capability benchmark of the policy and the reference: lm-eval:TASK[,TASK] runs "
-                                "EleutherAI's lm-evaluation-harness (pip install \"rlhfkit[benchmark]\"): a local "
+                                "EleutherAI's lm-evaluation-harness on both models: a local "
                                 "task (rlhfkit_reply_choice, offline) or lm-eval's own (hellaswag, arc_easy, ...: "
                                 "their data sets must be downloadable); scores with standard errors in eval.json.")
     benchmark_limit: int = opt(0, "Documents per benchmark task (0: all; lm-eval's --limit).")

@@ -151,3 +151,24 @@ def test_sft_resumes_on_another_number_of_processes(tmp_path, first, then):
     rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     _assert_same(_weights(whole), _weights(cut), [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()],
                  rows, ("loss", "grad_norm", "sft/nll"))
+
+
+def test_a_process_stops_with_its_peers_when_only_a_peer_was_signalled(tmp_path, monkeypatch):
+    """A launcher signals each process on its own: the one that was not signalled learns of it in the per-step
+    agreement, and checkpoints and stops at the same step as the signalled one."""
+    from types import SimpleNamespace
+
+    from rlhfkit.runtime.guard import NonFiniteGuard
+    from rlhfkit.runtime.interrupt import TrainingStopped
+    from rlhfkit.trainers import run_context
+
+    seen = []
+    monkeypatch.setattr(run_context, "processes", lambda: Processes(rank=0, world=2))
+    monkeypatch.setattr(run_context, "max_across", lambda value, procs: seen.append(value) or 15.0)  # a peer: SIGTERM
+    monkeypatch.setattr(run_context, "barrier", lambda procs: None)
+    config = SimpleNamespace(save_every=0, keep_last_n=0, resume=False)
+    run = run_context.RunContext(config, tmp_path, 10, NonFiniteGuard(3), {})
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3") as stopped:
+        run.checkpoint_when_due(3, lambda folder: folder.mkdir(parents=True), {})
+    assert seen == [0.0] and stopped.value.exit_code == 143
+    assert (tmp_path / "checkpoints" / "step-3" / "model").is_dir()

@@ -1,8 +1,8 @@
 """A capability benchmark before and after: EleutherAI's lm-evaluation-harness on the reference and the policy.
 
 The gold score says what RLHF gained; a benchmark says what it cost (the alignment tax). `--benchmark
-lm-eval:TASK[,TASK]` runs lm-eval (`pip install "rlhfkit[benchmark]"`) on both models, in this process, on the
-models eval already loaded. Tasks are lm-eval's own (hellaswag, arc_easy, ...: their data sets must be
+lm-eval:TASK[,TASK]` runs lm-eval (a dependency of rlhfkit) on both models, in this process, on the models eval
+already loaded. Tasks are lm-eval's own (hellaswag, arc_easy, ...: their data sets must be
 downloadable or cached) or the local ones this package ships in `lm_eval_tasks/`, defined in lm-eval's task
 YAML, which need nothing from the network:
 - rlhfkit_reply_choice: for a held-out chatterbot question, which of four replies is its own (acc, acc_norm).
@@ -68,7 +68,7 @@ def check_benchmark(spec: str) -> Benchmark:
     """Parse `spec` and check that lm-eval is installed: cheap, for config validation."""
     bench = parse_benchmark(spec)
     if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError("key 'benchmark': lm-eval is not installed; pip install \"rlhfkit[benchmark]\"")
+        raise ConfigError("key 'benchmark': lm-eval is not installed (a dependency of rlhfkit); pip install lm-eval")
     return bench
 
 
@@ -113,12 +113,21 @@ def run_benchmark(bench: Benchmark, model, tokenizer, batch_size: int, limit: in
             if not sep or name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = row.get(f"{name}_stderr,{filt}")
-            metrics[name] = {"value": float(value),
+            # A metric under a filter other than lm-eval's default keeps it in its name (gsm8k: strict-match
+            # and flexible-extract), so that neither overwrites the other.
+            metrics[name if filt == "none" else f"{name},{filt}"] = {"value": float(value),
                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                              "higher_is_better": results["higher_is_better"].get(task, {}).get(name)}
-        scores[task] = {"n": results["n-samples"][task]["effective"], "version": results["versions"].get(task),
+        scores[task] = {"n": _documents(results, task), "version": results["versions"].get(task),
                         "metrics": metrics}
     return scores
+
+
+def _documents(results: dict, task: str) -> int:
+    """Documents a task was scored on; a group (mmlu) counts those of its subtasks, at any depth."""
+    if task in results.get("n-samples", {}):
+        return int(results["n-samples"][task]["effective"])
+    return sum(_documents(results, sub) for sub in results.get("group_subtasks", {}).get(task, []))
 
 
 def compare(policy: dict, reference: dict, same_model: bool = False) -> dict:

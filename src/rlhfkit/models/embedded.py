@@ -9,6 +9,7 @@ Cache location: `$RLHFKIT_CACHE` or `~/.cache/rlhfkit`.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -88,6 +89,16 @@ def ensure_embedded() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes at once (a launcher's, on an empty cache): one converts, the others wait for it, so
+    # that none deletes the shared wheel folder under another's feet.
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _convert_into(target)
+    return target
+
+
+def _convert_into(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
         tmp = Path(tmp)
         gguf = _find_gguf(tmp)
@@ -100,4 +111,3 @@ def ensure_embedded() -> Path:
             if not (target / "config.json").is_file():
                 raise
     shutil.rmtree(target.parent / "wheels", ignore_errors=True)
-    return target

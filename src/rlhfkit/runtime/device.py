@@ -72,6 +72,9 @@ def resolve_device(config) -> torch.device:
 
     requested = getattr(config, "device", "cpu")
     procs = processes()
+    if procs.many and requested.startswith("cuda:"):
+        raise ConfigError(f"key 'device': {requested!r} would put all {procs.world} processes on one GPU; under a "
+                          f"launcher give 'auto' or 'cuda' (each process takes the GPU of its LOCAL_RANK)")
     if procs.many and requested in ("auto", "cuda") and torch.cuda.is_available():
         requested = f"cuda:{procs.local_rank}"  # one GPU per process, as the launcher numbered them
     device, reason = choose_device(requested)

@@ -84,6 +84,22 @@ def sum_across(values: list[float], procs: Processes) -> list[float]:
     return total.tolist()
 
 
+def max_across(value: float, procs: Processes) -> float:
+    """The largest `value` over all processes."""
+    if not procs.many:
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    top = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    return top.item()
+
+
+def finish_processes() -> None:
+    """Leave the process group at the end of a command (torch warns about one left open at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier(procs: Processes) -> None:
     """Wait for every process (e.g. until the main one has written a checkpoint that the others will read)."""
     if procs.many:

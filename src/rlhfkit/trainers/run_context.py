@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from rlhfkit.errors import UserError
 from rlhfkit.runtime.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
-from rlhfkit.runtime.distributed import barrier, processes
+from rlhfkit.runtime.distributed import barrier, max_across, processes
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import StopRequest, TrainingStopped
 from rlhfkit.runtime.metrics_log import MetricsLog
@@ -76,10 +76,15 @@ class RunContext:
     def checkpoint_when_due(self, step: int, save_model: Callable[[Path], None], extra: dict) -> None:
         """Checkpoint every save_every steps, at the end, and when a signal asked to stop (then raise
         TrainingStopped, which the CLI turns into exit status 128 + the signal number)."""
+        procs = processes()
+        if procs.many:
+            # A launcher signals each process on its own, each at its own point of the step: they agree, once
+            # per step, to stop if any was asked to, so that all of them checkpoint and leave together.
+            agreed = int(max_across(float(self.stop.signum or 0), procs))
+            self.stop.signum = agreed or None
         stopping = self.stop.signum is not None and step < self.total
         every = self.config.save_every
         if step == self.total or stopping or (every and step % every == 0):
-            procs = processes()
             # Every process holds the same weights and optimizer state (gradients are summed before the step):
             # the main one writes them, and the others wait until the checkpoint is whole.
             saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n) \
