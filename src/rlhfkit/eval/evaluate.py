@@ -50,7 +50,7 @@ from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
-from rlhfkit.runtime.device import module_device, resolve_device, stage_device
+from rlhfkit.runtime.device import resolve_device, stage_device
 from rlhfkit.runtime.distributed import one_process_only
 from rlhfkit.runtime.precision import resolve_precision
 
@@ -151,7 +151,7 @@ def _benchmark(bench, policy, ref, tokenizer, config: EvalConfig, key: dict, out
         if earlier.is_file():
             saved = json.loads(earlier.read_text())
             reference = saved["scores"] if saved.get("key") == ref_key else None
-    with autocast(config.mixed_precision, module_device(policy).type):
+    with autocast(config.mixed_precision, stage_device(config).type):
         print(f"eval: benchmark {','.join(bench.tasks)} (lm-eval) on the policy")
         ours = run_benchmark(bench, policy, tokenizer, config.batch_size, config.benchmark_limit, config.seed)
         if reference is None and ref is policy:

@@ -73,25 +73,23 @@ def my_share(indices: list[int], procs: Processes) -> list[int]:
     return indices[procs.rank::procs.world]
 
 
-def sum_across(values: list[float], procs: Processes) -> list[float]:
-    """Element-wise sums over all processes, in float64 (counts and metric sums stay exact enough to compare
-    with one process's)."""
-    if not procs.many:
-        return list(values)
+def _reduce(values: list[float], op) -> list[float]:
+    """`values` reduced element-wise over all processes with `op`, in float64 (counts and metric sums stay
+    exact enough to compare with one process's), on the device the backend communicates from."""
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    return total.tolist()
+    reduced = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(reduced, op=op)
+    return reduced.tolist()
+
+
+def sum_across(values: list[float], procs: Processes) -> list[float]:
+    """Element-wise sums over all processes."""
+    return _reduce(values, torch.distributed.ReduceOp.SUM) if procs.many else list(values)
 
 
 def max_across(value: float, procs: Processes) -> float:
     """The largest `value` over all processes."""
-    if not procs.many:
-        return value
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    top = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    return top.item()
+    return _reduce([value], torch.distributed.ReduceOp.MAX)[0] if procs.many else value
 
 
 def finish_processes() -> None:

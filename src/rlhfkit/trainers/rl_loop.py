@@ -172,7 +172,7 @@ def _repeat(items: list, k: int) -> list:
 
 def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
-    one_process_only(type(config).__name__.removesuffix("Config").lower())
+    one_process_only(algorithm.stage)
     device = resolve_device(config)
     resolve_precision(config, device.type)
     out = resolve_output_dir(config, algorithm.stage)
