@@ -79,6 +79,11 @@ class OptimizerConfig:
     max_bad_steps: int = opt(3, "A step whose loss or gradient is not finite is skipped (no update) and counted in "
                                 "train/skipped_steps; this many in a row stop the run (PPO: mini-batches, "
                                 "checked after each iteration).")
+    distributed: str = opt("ddp", "Under torchrun or accelerate launch: 'ddp' (every process holds the whole models "
+                           "and gradients are summed) or 'fsdp' (FSDP2: each decoder layer's weights, gradients "
+                           "and optimizer state sharded over the processes, gathered layer by layer; checkpoints "
+                           "written sharded by torch.distributed.checkpoint; sft, reward and dpo). Ignored in one "
+                           "process.", choices=("ddp", "fsdp"))
 
 
 @dataclass

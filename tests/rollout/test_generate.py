@@ -70,8 +70,8 @@ def test_decoding_logits_equal_full_forwards_with_padding_cache_and_rows_leaving
 
     calls = []
 
-    def recording(logits, temperature, top_p):
-        tokens = sample_from_logits(logits, temperature, top_p)
+    def recording(logits, temperature, top_p, u=None):
+        tokens = sample_from_logits(logits, temperature, top_p, u)
         calls.append((logits.clone(), tokens.clone()))
         return tokens
 
@@ -143,3 +143,24 @@ def test_bf16_sampling_is_reproducible_close_to_autocast_and_leaves_fp32_weights
     assert sum(first) >= 0.75 * len(first)
     for name, p in tiny_model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+
+def test_a_seeded_sample_is_the_same_whatever_it_is_batched_with(tokenizer, tiny_model):
+    """Per-sample seeds (what makes N processes sample what one does): a prompt's response depends on its seed
+    only, not on the other prompts of its batch, their number or its place among them; other seeds differ."""
+    from rlhfkit.rollout.generate import sample_seeds
+
+    prompts = [[500, 501, 502, 503, 504], [502], [600, 601], [700, 701, 702]]
+    seeds = sample_seeds(7, 3, [0, 1, 2, 3])
+    assert seeds == sample_seeds(7, 3, [0, 1, 2, 3]) and len(set(seeds)) == 4
+    assert seeds[2:] == sample_seeds(7, 3, [2, 3]) and sample_seeds(7, 4, [0]) != seeds[:1]
+    model = tiny_model.eval()
+    whole = sample_responses(model, tokenizer, prompts, 12, seeds=seeds)
+    torch.manual_seed(0)  # the global RNG plays no part
+    alone = [sample_responses(model, tokenizer, [p], 12, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+    reordered = sample_responses(model, tokenizer, prompts[::-1], 12, seeds=seeds[::-1])[::-1]
+    split = sample_responses(model, tokenizer, prompts, 12, seeds=seeds, batch_size=3)
+    for got in (alone, reordered, split):
+        assert [s.response_ids for s in got] == [s.response_ids for s in whole]
+    other = sample_responses(model, tokenizer, prompts, 12, seeds=sample_seeds(8, 3, [0, 1, 2, 3]))
+    assert [s.response_ids for s in other] != [s.response_ids for s in whole]

@@ -1,7 +1,11 @@
 """The `annotate` stage: sample K responses per prompt, rank them with the simulated annotator, write
 `rankings.jsonl` (the annotator's output), `preferences.jsonl` (all ordered pairs, what the reward model
 trains on) and, apart, `gold_scores.jsonl` (for analysis only; no trainer reads it). With `annotator: human`
-the samples go into a labelling project, `labels.sqlite`, for people to rank instead (annotate/human.py)."""
+the samples go into a labelling project, `labels.sqlite`, for people to rank instead (annotate/human.py).
+
+Each response is sampled from a seed of its own (its index among all responses), so under a launcher each
+process samples (and the gold scorer scores) its share of the prompts, and the main process, having gathered
+them, ranks and writes exactly what one process would."""
 
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
 from rlhfkit.runtime.precision import autocast
-from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout.generate import sample_responses, sample_seeds
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.runtime.device import resolve_device
-from rlhfkit.runtime.distributed import one_process_only
+from rlhfkit.runtime.distributed import all_gather, my_share, processes
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -38,8 +42,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @tracked("annotate")
 def run_annotate(config: AnnotateConfig) -> Path:
-    one_process_only("annotate")
     device = resolve_device(config)
+    procs = processes()
     resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/annotate")
     records = prompt_records(config.data, "train", config.num_prompts)
@@ -60,22 +64,29 @@ def run_annotate(config: AnnotateConfig) -> Path:
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
                                   config.system_prompt)
                   for r in records]
-    repeated = [ids for ids in prompt_ids for _ in range(k)]
+    # This process's prompts (all of them with one process), each prompt's k responses together.
+    indices = [p * k + j for p in my_share(list(range(len(records))), procs) for j in range(k)]
     with autocast(config.mixed_precision, device.type):
-        samples = sample_responses(model, tokenizer, repeated, max_new, config.temperature, config.top_p,
-                                   config.batch_size, progress=config.progress,
-                                   precision=config.mixed_precision)
+        samples = sample_responses(model, tokenizer, [prompt_ids[i // k] for i in indices], max_new,
+                                   config.temperature, config.top_p, config.batch_size,
+                                   progress=config.progress and procs.main, precision=config.mixed_precision,
+                                   seeds=sample_seeds(config.seed, 0, indices))
     texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True).strip() for s in samples]
+    gold = scorer([prompt_text(records[i // k]["prompt"]) for i in indices], texts) if scorer else [0.0] * len(texts)
+    shares = all_gather([(i, text, float(g), s.ended, len(s.response_ids))
+                         for i, text, g, s in zip(indices, texts, gold, samples)], procs)
+    if not procs.main:  # the main process writes everything
+        return out
+    _, texts, gold, ended, lengths = map(list, zip(*sorted(row for share in shares for row in share)))
     generate_s = time.perf_counter() - started
     if human:
         write_project(config, out, records, texts, guidelines, {
             "prompts": len(records), "responses": len(texts),
-            "ended_with_eos": sum(s.ended for s in samples) / max(len(samples), 1),
-            "response_tokens_mean": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
+            "ended_with_eos": sum(ended) / max(len(texts), 1),
+            "response_tokens_mean": sum(lengths) / max(len(texts), 1),
             "time/generate_s": generate_s, "time/total_s": time.perf_counter() - started})
         return out
 
-    gold = scorer([prompt_text(r["prompt"]) for r in records for _ in range(k)], texts)
     rng = random.Random(config.seed)
     rankings, preferences, gold_rows = [], [], []
     for i, record in enumerate(records):
@@ -93,8 +104,8 @@ def run_annotate(config: AnnotateConfig) -> Path:
     summary = {
         "prompts": len(records), "responses": len(texts), "pairs": len(preferences),
         "gold_mean": gold_t.mean().item(), "gold_std": gold_t.std().item() if len(gold) > 1 else 0.0,
-        "ended_with_eos": sum(s.ended for s in samples) / max(len(samples), 1),
-        "response_tokens_mean": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
+        "ended_with_eos": sum(ended) / max(len(texts), 1),
+        "response_tokens_mean": sum(lengths) / max(len(texts), 1),
         "time/generate_s": generate_s, "time/total_s": time.perf_counter() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -22,6 +22,11 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
 - best_of_n (with `best_of_n` N > 0 and a reward model): per prompt, N more samples of the reference (seed + 2);
   for n = 1, 2, 4, ... N, the gold score of the one the reward model scores highest among the first n, with
   its closed-form KL log n - (n-1)/n (core.best_of_n), as Gao et al. 2022 compare RL with it.
+
+Every response is sampled from a seed of its own (the run's seed, + 1 for the reference, + 2 for best-of-n, and
+its index), so under a launcher each process samples and scores its share of the prompts; the main process
+gathers the shares, computes the statistics and writes, exactly as one process would. The capability
+benchmark runs in the main process alone.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_toke
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.models.reward_model import load_reward_model
 from rlhfkit.rollout.batch import build_rollout_batch
-from rlhfkit.rollout.generate import sample_responses
+from rlhfkit.rollout.generate import sample_responses, sample_seeds
 from rlhfkit.rollout.scoring import RewardScorer, response_logprobs_and_kl
 from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
@@ -51,21 +56,25 @@ from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
 from rlhfkit.runtime.device import resolve_device, stage_device
-from rlhfkit.runtime.distributed import one_process_only
+from rlhfkit.runtime.distributed import all_gather, my_share, processes
 from rlhfkit.runtime.precision import resolve_precision
 
 
 @torch.no_grad()
-def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, config: EvalConfig, reward: RewardScorer | None):
-    """Samples of `policy` with their KL to `ref` (None: no KL, no scoring pass) and proxy scores, in batches."""
+def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, seeds: list[int], config: EvalConfig,
+                      reward: RewardScorer | None):
+    """Samples of `policy` (one seed each) with their KL to `ref` (None: no KL, no scoring pass) and proxy
+    scores, in batches."""
     from tqdm.auto import tqdm
 
     out = {"texts": [], "kl": [], "kl_exact": [], "proxy": [], "length": [], "ended": []}
     starts = range(0, len(prompt_ids), config.batch_size)
-    for start in tqdm(starts, desc="eval", unit="batch", disable=not config.progress, dynamic_ncols=True):
+    for start in tqdm(starts, desc="eval", unit="batch", disable=not config.progress or not processes().main,
+                      dynamic_ncols=True):
         ids, recs = prompt_ids[start:start + config.batch_size], records[start:start + config.batch_size]
         samples = sample_responses(policy, tokenizer, ids, config.max_new_tokens, config.temperature,
-                                   config.top_p, batch_size=len(ids), precision=config.mixed_precision)
+                                   config.top_p, batch_size=len(ids), precision=config.mixed_precision,
+                                   seeds=seeds[start:start + config.batch_size])
         batch = build_rollout_batch(ids, [s.response_ids for s in samples], [s.ended for s in samples],
                                     tokenizer.pad_token_id, config.device)
         texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -92,12 +101,15 @@ def _best_of_n(ref, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     scored by the reward model and the gold scorer. Returns one row per reported n, and per prompt its N
     responses with both scores (best_of_n.jsonl)."""
     N = config.best_of_n
-    repeated = [r for r in records for _ in range(N)]
-    seed_everything(config.seed + 2)
+    procs = processes()
+    indices = _my_samples(len(records), N, procs)
+    repeated = [records[i // N] for i in indices]
     with autocast(config.mixed_precision, stage_device(config).type):
-        drawn = _sample_and_score(ref, None, tokenizer, repeated, [ids for ids in prompt_ids for _ in range(N)],
-                                  config, reward)
-    gold_scores = gold([prompt_text(r["prompt"]) for r in repeated], drawn["texts"])
+        drawn = _sample_and_score(ref, None, tokenizer, repeated, [prompt_ids[i // N] for i in indices],
+                                  sample_seeds(config.seed + 2, 0, indices), config, reward)
+    drawn["gold"] = _gold(gold, repeated, drawn["texts"])
+    drawn = _gathered(indices, {name: drawn[name] for name in ("texts", "proxy", "gold")}, procs)
+    gold_scores = drawn["gold"]
     proxy = torch.tensor(drawn["proxy"], dtype=torch.float64).view(len(records), N)  # (P, N)
     gold_t = torch.tensor(gold_scores, dtype=torch.float64).view(len(records), N)  # (P, N)
     rows = []
@@ -164,6 +176,23 @@ def _benchmark(bench, policy, ref, tokenizer, config: EvalConfig, key: dict, out
             "tasks": compare(ours, reference, same_model=ref is policy)}
 
 
+def _my_samples(n_prompts: int, k: int, procs) -> list[int]:
+    """Global indices of this process's samples: its share of the prompts, each prompt's k samples together."""
+    return [p * k + j for p in my_share(list(range(n_prompts)), procs) for j in range(k)]
+
+
+def _gathered(indices: list[int], columns: dict[str, list], procs) -> dict[str, list]:
+    """Each column with every process's values (this one's are at global `indices`), in global order."""
+    shares = all_gather((indices, columns), procs)
+    order = sorted((i, s, j) for s, (share, _) in enumerate(shares) for j, i in enumerate(share))
+    return {name: [shares[s][1][name][j] for _, s, j in order] for name in columns}
+
+
+def _gold(gold, records: list[dict], texts: list[str]) -> list[float]:
+    """The gold scores of these responses (none to score: a process with no share)."""
+    return gold([prompt_text(r["prompt"]) for r in records], texts) if texts else []
+
+
 def _per_prompt(values: list[float], k: int) -> torch.Tensor:
     """Average the k consecutive samples of each prompt: (N * k,) -> (N,)."""
     return torch.tensor(values, dtype=torch.float64).view(-1, k).mean(1)
@@ -171,8 +200,8 @@ def _per_prompt(values: list[float], k: int) -> torch.Tensor:
 
 @tracked("eval")
 def run_eval(config: EvalConfig) -> Path:
-    one_process_only("eval")
     device = resolve_device(config)
+    procs = processes()
     resolve_precision(config, device.type)
     out = Path(config.output_dir or "runs/eval")
     records = prompt_records(config.data, "eval", config.num_prompts)
@@ -213,18 +242,27 @@ def run_eval(config: EvalConfig) -> Path:
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
                                   config.system_prompt)
                   for r in repeated]
+    mine = _my_samples(len(records), k, procs)  # this process's samples (all of them with one process)
     with autocast(config.mixed_precision, device.type):
-        ours = _sample_and_score(policy, ref, tokenizer, repeated, prompt_ids, config, reward)
+        ours = _sample_and_score(policy, ref, tokenizer, [repeated[i] for i in mine], [prompt_ids[i] for i in mine],
+                                 sample_seeds(config.seed, 0, mine), config, reward)
     # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5),
     # from their own seed: they depend on the reference alone, so other evaluations can reuse them.
     if reused is not None:
-        theirs = {"texts": reused}
+        theirs = {"texts": [reused[i] for i in mine]}
     else:
-        seed_everything(config.seed + 1)
         with autocast(config.mixed_precision, device.type):
-            theirs = _sample_and_score(ref, None, tokenizer, repeated, prompt_ids, config, None)
-    prompts = [prompt_text(r["prompt"]) for r in repeated]
-    gold_ours, gold_theirs = gold(prompts, ours["texts"]), gold(prompts, theirs["texts"])
+            theirs = _sample_and_score(ref, None, tokenizer, [repeated[i] for i in mine],
+                                       [prompt_ids[i] for i in mine], sample_seeds(config.seed + 1, 0, mine),
+                                       config, None)
+    ours["gold"] = _gold(gold, [repeated[i] for i in mine], ours["texts"])
+    ours["reference_texts"] = theirs["texts"]
+    ours["reference_gold"] = _gold(gold, [repeated[i] for i in mine], theirs["texts"])
+    if reward is None:
+        del ours["proxy"]  # nothing to gather
+    ours = _gathered(mine, ours, procs)
+    theirs = {"texts": ours["reference_texts"]}
+    gold_ours, gold_theirs = ours["gold"], ours["reference_gold"]
 
     metrics = {"gold_reward": _per_prompt(gold_ours, k), "kl_exact": _per_prompt(ours["kl_exact"], k),
                "kl_to_reference": _per_prompt(ours["kl"], k),
@@ -246,6 +284,9 @@ def run_eval(config: EvalConfig) -> Path:
         # prompt_ids holds each prompt k times in a row: every k-th is each prompt once.
         result["best_of_n"], best_of_n_samples = _best_of_n(ref, tokenizer, records, prompt_ids[::k], config, reward,
                                                            gold)
+    if not procs.main:  # the main process writes (and runs the benchmark)
+        return out
+    if config.best_of_n:
         with open(out / "best_of_n.jsonl", "w", encoding="utf-8") as handle:
             for row in best_of_n_samples:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -116,17 +116,19 @@ def using(model, name: str | None):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
 
-def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under the keys peft's PeftModel writes (prefix `base_model.model.`)."""
+def adapter_state(model, name: str, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under the keys peft's PeftModel writes (prefix `base_model.model.`), taken from
+    `state_dict` when given (FSDP: the whole weights, gathered) or from the model."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=name)
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
     return {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}
 
 
-def save_adapter(model, name: str, folder: Path, base_path: str) -> None:
+def save_adapter(model, name: str, folder: Path, base_path: str, state_dict: dict | None = None) -> None:
     """Adapter `name` as a peft folder (adapter_config.json + adapter_model.safetensors), which
-    `PeftModel.from_pretrained(base, folder)` loads; `base_path` goes into its config as the base model."""
+    `PeftModel.from_pretrained(base, folder)` loads; `base_path` goes into its config as the base model.
+    `state_dict`: the model's weights to take it from instead of the model's own (see adapter_state)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -135,7 +137,7 @@ def save_adapter(model, name: str, folder: Path, base_path: str) -> None:
     settings.base_model_name_or_path = str(base_path)
     settings.inference_mode = True
     settings.save_pretrained(str(folder))
-    save_file(adapter_state(model, name), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_state(model, name, state_dict), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def is_adapter_folder(path) -> bool:

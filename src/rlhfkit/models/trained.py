@@ -31,15 +31,16 @@ def adapter_of(model) -> tuple[torch.nn.Module, str] | None:
     return None
 
 
-def save_trained(model, tokenizer, folder: Path, base: str | None = None) -> None:
-    """`model` into `folder`: an HF folder, or (LoRA) an adapter folder whose config names `base` (see base_path)."""
+def save_trained(model, tokenizer, folder: Path, base: str | None = None, state_dict: dict | None = None) -> None:
+    """`model` into `folder`: an HF folder, or (LoRA) an adapter folder whose config names `base` (see base_path).
+    `state_dict`: the weights to write instead of the model's own (FSDP: the whole ones, gathered; not for roles)."""
     folder = Path(folder)
     found = adapter_of(model)
     if found is None:
-        save_hf_folder(model, tokenizer, folder)
+        save_hf_folder(model, tokenizer, folder, state_dict)
         return
     shared, name = found
-    lora.save_adapter(shared, name, folder, base)
+    lora.save_adapter(shared, name, folder, base, state_dict)
     tokenizer.save_pretrained(folder)
     if isinstance(model, Role) and hasattr(model, "score"):
         from safetensors.torch import save_file

@@ -54,10 +54,29 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+def sample_seeds(seed: int, iteration: int, indices: list[int]) -> list[int]:
+    """The seed of each sample: a function of the run's seed, the iteration and the sample's index in the
+    iteration's global batch (numpy's SeedSequence mixes them), not of the process that samples it, so the
+    same global batch gives the same samples on any number of processes."""
+    import numpy as np
+
+    return [int(np.random.SeedSequence([seed % 2**63, iteration, index]).generate_state(1, np.uint64)[0])
+            for index in indices]
+
+
+def sample_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """(len(seeds), steps) float64 uniforms in [0, 1): row i from a generator of its own seeded with seeds[i],
+    whatever rows it is batched with (one stream per sample; the global RNG's would interleave the batch's)."""
+    return torch.stack([torch.rand(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds]) if seeds else torch.zeros(0, steps, dtype=torch.float64)
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                       u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(logits / T), restricted to the top-p nucleus: (B, V) -> (B,) long.
 
-    Inverse-CDF sampling with one uniform per row from the global RNG (so a seed fixes the samples). With
+    Inverse-CDF sampling with one uniform per row: `u` (B, 1) float64, or drawn from the global RNG (so a seed
+    fixes the samples either way). With
     top_p < 1, the kept tokens are the most likely ones whose cumulative probability before them is < top_p
     (at least one), as in Holtzman et al. 2020 and transformers' TopPLogitsWarper.
     """
@@ -68,8 +87,9 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: fl
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)  # (B, 1) in [0, 1)
-    return inverse_cdf(probs, u)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)  # (B, 1) in [0, 1)
+    return inverse_cdf(probs, u.to(probs.device))
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -108,9 +128,11 @@ def _next_logits(model, input_ids, attention_mask, position_ids, cache):
 
 @torch.inference_mode()  # not just no_grad: no version counters or view tracking, ~4% off a rollout
 def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: float, eos: set[int],
-            with_logprobs: bool = False) -> tuple[list[list[int]], list[list[float] | None]]:
+            with_logprobs: bool = False, uniforms: torch.Tensor | None = None
+            ) -> tuple[list[list[int]], list[list[float] | None]]:
     """Token lists (cut after EOS) for one left-padded batch of prompts, and their sampling log-probs (None
-    per row unless `with_logprobs`: they cost a log-softmax over the vocabulary at every step)."""
+    per row unless `with_logprobs`: they cost a log-softmax over the vocabulary at every step). `uniforms`
+    (B, max_new_tokens) float64: row i's draw at each step (else the global RNG's)."""
     B = batch["input_ids"].shape[0]
     responses: list[list[int]] = [[] for _ in range(B)]
     eos_tensor = torch.tensor(sorted(eos), device=batch["input_ids"].device)
@@ -120,7 +142,8 @@ def _decode(model, batch: dict, max_new_tokens: int, temperature: float, top_p: 
     position_ids = position_ids[:, -1:]  # (b, 1)
     rows = torch.arange(B, device=eos_tensor.device)  # original row of each row still decoding
     for step in range(max_new_tokens):
-        tokens = sample_from_logits(logits, temperature, top_p)  # (b,)
+        u = None if uniforms is None else uniforms[rows, step:step + 1]  # (b, 1)
+        tokens = sample_from_logits(logits, temperature, top_p, u)  # (b,)
         for row, token in zip(rows.tolist(), tokens.tolist()):
             responses[row].append(token)
         if with_logprobs:
@@ -162,10 +185,13 @@ def _decoding_attention(model):
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                      top_p: float = 1.0, batch_size: int = 32, progress: bool = False,
-                     with_logprobs: bool = False, precision: str = "no") -> list[Sample]:
+                     with_logprobs: bool = False, precision: str = "no", seeds: list[int] | None = None
+                     ) -> list[Sample]:
     """One sampled response per prompt (repeat a prompt in `prompts` to get several); `with_logprobs` also
     keeps each token's log-prob from the sampling pass in `Sample.logprobs`. With `precision="bf16"` the
-    model samples in plain bf16 (see models/precision.bf16_weights), else in whatever autocast is active."""
+    model samples in plain bf16 (see models/precision.bf16_weights), else in whatever autocast is active.
+    `seeds` (one per prompt, see `sample_seeds`) give each sample its own random stream; without them the
+    global RNG draws for the whole batch."""
     from tqdm.auto import tqdm
 
     eos = eos_token_ids(model, tokenizer)
@@ -180,7 +206,10 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]
             batch = to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
-            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos, with_logprobs)
+            uniforms = None if seeds is None else \
+                sample_uniforms(seeds[start:start + batch_size], max_new_tokens).to(device)  # (b, T)
+            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos, with_logprobs,
+                                          uniforms)
             for prompt, response, logprob in zip(chunk, responses, logprobs):
                 samples.append(Sample(prompt, response, bool(response) and response[-1] in eos, logprob))
     model.train(was_training)

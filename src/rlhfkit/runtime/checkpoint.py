@@ -143,13 +143,41 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
     `stateful` maps a name to anything with `state_dict()` (optimizers, schedulers, KL controllers); each
     is saved as `name.pt` and restored by `load_checkpoint` with the same names.
     """
+    tmp = _start_checkpoint(output_dir, step)
+    save_model(tmp / "model")
+    return _finish_checkpoint(output_dir, step, tmp, stateful, trainer_state, keep_last_n)
+
+
+def save_sharded_checkpoint(output_dir: Path, step: int, sharded, stateful: dict, trainer_state: dict,
+                            keep_last_n: int, procs) -> Path:
+    """FSDP: every process writes its shards of the model and the optimizer into `sharded/` (`sharded.save`,
+    runtime/sharded_state.py); the main process writes the rest and makes the checkpoint whole, atomically, as
+    `save_checkpoint` does. Every process must call it."""
+    from rlhfkit.runtime.distributed import barrier
+
+    tmp = _start_checkpoint(output_dir, step) if procs.main else checkpoints_dir(output_dir) / f".tmp-step-{step}"
+    barrier(procs)  # the folder exists
+    sharded.save(tmp / "sharded")
+    final = _finish_checkpoint(output_dir, step, tmp, stateful, trainer_state, keep_last_n) if procs.main \
+        else checkpoints_dir(output_dir) / f"step-{step}"
+    barrier(procs)  # the checkpoint is whole
+    return final
+
+
+def _start_checkpoint(output_dir: Path, step: int) -> Path:
+    """An empty temporary folder for checkpoint `step` (leftovers of an interrupted write cleared first)."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     discard_interrupted(output_dir)
-    final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     tmp.mkdir()
-    save_model(tmp / "model")
+    return tmp
+
+
+def _finish_checkpoint(output_dir: Path, step: int, tmp: Path, stateful: dict, trainer_state: dict,
+                       keep_last_n: int) -> Path:
+    """The small states, RNG and manifest into `tmp`, synced, then `tmp` renamed to `step-{step}` (the one
+    atomic step that makes it count) and old checkpoints pruned."""
     for name, obj in stateful.items():
         torch.save(obj.state_dict(), tmp / f"{name}.pt")
     torch.save(torch.get_rng_state(), tmp / "rng_torch.pt")
@@ -162,6 +190,7 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    final = checkpoints_dir(output_dir) / f"step-{step}"
     if final.exists():
         _delete(final)
     os.replace(tmp, final)

@@ -56,15 +56,16 @@ def init_processes(device_type: str) -> Processes:
     return procs
 
 
-def one_process_only(stage: str) -> None:
-    """Stop a stage that does not run under several processes yet, before it does anything, rather than let
-    each process run the whole stage on its own."""
+def one_process_only(command: str) -> None:
+    """Stop a command that runs in one process (the pipeline and the demo) before it does anything, rather than
+    let each process run every stage on its own."""
     from rlhfkit.errors import UserError
 
     procs = processes()
     if procs.many:
-        raise UserError(f"{stage} runs in one process for now ({procs.world} were launched); run it without "
-                        f"torchrun or accelerate launch. sft, reward and dpo run under them (DDP)")
+        raise UserError(f"{command} runs in one process ({procs.world} were launched); run it without torchrun or "
+                        f"accelerate launch, or launch its stages one by one: sft, reward, dpo, ppo, grpo, rloo, "
+                        f"annotate and eval each run under them")
 
 
 def my_share(indices: list[int], procs: Processes) -> list[int]:
@@ -90,6 +91,15 @@ def sum_across(values: list[float], procs: Processes) -> list[float]:
 def max_across(value: float, procs: Processes) -> float:
     """The largest `value` over all processes."""
     return _reduce([value], torch.distributed.ReduceOp.MAX)[0] if procs.many else value
+
+
+def all_gather(value, procs: Processes) -> list:
+    """Every process's `value` (anything picklable), in rank order; [value] for one process."""
+    if not procs.many:
+        return [value]
+    gathered: list = [None] * procs.world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def finish_processes() -> None:

@@ -36,9 +36,10 @@ def prepare_output_dir(out: Path, config) -> None:
     (out / "config.yaml").write_text(to_yaml(config))
 
 
-def save_hf_folder(model, tokenizer, folder: Path) -> None:
-    """A standard HF folder: config, safetensors weights, tokenizer, generation config."""
+def save_hf_folder(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """A standard HF folder: config, safetensors weights, tokenizer, generation config. `state_dict`: the
+    weights to write instead of the model's own (FSDP: the whole ones, gathered)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

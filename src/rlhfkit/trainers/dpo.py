@@ -131,7 +131,7 @@ def run_dpo(config: DPOConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=loss_fn,
         units=lambda batch: batch["input_ids"].shape[0] // 2,
-        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        save_model=lambda folder, state=None: save_trained(model, tokenizer, folder, base_path(config), state),
         load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_dpo(model, ref, evals, collate, config)) if evals else None)
     run_supervised(task, config, out, "dpo")

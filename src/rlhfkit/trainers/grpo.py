@@ -53,12 +53,12 @@ def single_on_policy_step(config: GRPOConfig) -> bool:
 # 1-2. rollout and score ------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list[list[int]],
-                      config: GRPOConfig) -> Experience:
+                      seeds: list[int], config: GRPOConfig) -> Experience:
     """B = len(prompt_ids) completions (each prompt repeated K times, contiguously), sampled and scored."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
-                               precision=config.mixed_precision)
+                               precision=config.mixed_precision, seeds=seeds)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                 [s.ended for s in samples], models.tokenizer.pad_token_id, config.device)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -172,8 +172,8 @@ class GroupRL(RLAlgorithm):
     def epochs(self) -> int:
         return self.config.num_iterations
 
-    def rollout(self, records, prompt_ids) -> Experience:
-        return rollout_and_score(self.models, records, prompt_ids, self.config)
+    def rollout(self, records, prompt_ids, seeds) -> Experience:
+        return rollout_and_score(self.models, records, prompt_ids, seeds, self.config)
 
     def advantages(self, exp: Experience) -> dict:
         return group_advantages(exp, self.models.rewards.names, self.config)

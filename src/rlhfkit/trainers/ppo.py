@@ -36,12 +36,12 @@ from rlhfkit.trainers.rl_loop import RLAlgorithm, run_rl
 # 1-2. rollout and score ------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[list[int]],
-                      config: PPOConfig) -> Experience:
+                      seeds: list[int], config: PPOConfig) -> Experience:
     """Sample one response per prompt, then score every sample with every model."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
-                               with_logprobs=config.logprobs_from_sampling, precision=config.mixed_precision)
+                               with_logprobs=config.logprobs_from_sampling, precision=config.mixed_precision, seeds=seeds)
     batch = build_rollout_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                 [s.ended for s in samples], models.tokenizer.pad_token_id, config.device)
     texts = [models.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -130,8 +130,8 @@ class PPO(RLAlgorithm):
     def epochs(self) -> int:
         return self.config.ppo_epochs
 
-    def rollout(self, records, prompt_ids) -> Experience:
-        return rollout_and_score(self.models, records, prompt_ids, self.config)
+    def rollout(self, records, prompt_ids, seeds) -> Experience:
+        return rollout_and_score(self.models, records, prompt_ids, seeds, self.config)
 
     def advantages(self, exp: Experience) -> dict:
         return shaped_advantages(exp, self.kl_ctl.value, self.config)

@@ -106,7 +106,7 @@ def run_reward(config: RewardConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=reward_loss(config.use_margin),
         units=lambda batch: batch["margin"].shape[0],
-        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        save_model=lambda folder, state=None: save_trained(model, tokenizer, folder, base_path(config), state),
         load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_pairs(model, evals, collate, config.batch_size, gold_diffs, config.eval_batches))
         if evals else None,

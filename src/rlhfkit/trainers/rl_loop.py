@@ -9,6 +9,13 @@ Each iteration:
                             non-finite guard and one optimizer step per trained model;
   6.   log               - metrics.jsonl, samples.jsonl, checkpoint (also on SIGTERM / Ctrl-C).
 
+Under a launcher with N processes, the iteration's batch stays global: each process samples and scores its share
+of the prompts (a prompt's K samples stay together), every sample seeded by its global index
+(rollout.generate.sample_seeds), and the shares are gathered (rollout/gather.py), so that steps 3-4 run on the
+whole batch, in every process alike. In step 5 each process computes its share of every mini-batch, normalised
+by the mini-batch's global units, and the gradients are summed over processes before clipping
+(models.parallel.sum_gradients): N processes take the one-process step.
+
 An algorithm is a class with the attributes and methods of `RLAlgorithm`; ppo.py and grpo.py each define one
 and read top to bottom in the same order.
 """
@@ -31,7 +38,10 @@ from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.runtime.device import resolve_device, stage_device
-from rlhfkit.runtime.distributed import one_process_only
+from rlhfkit.models.parallel import sum_gradients
+from rlhfkit.rollout.gather import gather_experience
+from rlhfkit.rollout.generate import sample_seeds
+from rlhfkit.runtime.distributed import all_gather, barrier, my_share, processes, sum_across
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import clip_gradients
@@ -73,7 +83,8 @@ class RLAlgorithm:
         raise NotImplementedError
 
     # The steps.
-    def rollout(self, records: list[dict], prompt_ids: list[list[int]]) -> Experience:
+    def rollout(self, records: list[dict], prompt_ids: list[list[int]], seeds: list[int]) -> Experience:
+        """Sample (one seed per sample: rollout.generate.sample_seeds) and score these prompts."""
         raise NotImplementedError
 
     def advantages(self, exp: Experience) -> dict:
@@ -105,10 +116,12 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
     A micro-batch's loss is divided by the units (tokens or responses) of its whole mini-batch, so gradient
     accumulation gives exactly the step one forward over the mini-batch would."""
     config = run.config
+    procs = processes()
     mini = algo.mini_batch_size()
-    micro = mini // config.gradient_accumulation_steps
+    micro = mini // config.gradient_accumulation_steps  # per process
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {}       # this process's share of each metric
+    norm_sums: dict[str, float] = {}  # gradient norms: the same in every process (the gradients are summed)
     n_updates = 0
     for model in algo.trained.values():
         model.train()
@@ -116,17 +129,19 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
         order = torch.randperm(len(exp), generator=generator)
         for start in range(0, len(exp), mini):
             rows = order[start:start + mini]
-            normaliser = loss_units(exp.mask[rows], algo.loss_aggregation).clamp(min=1.0)
+            normaliser = loss_units(exp.mask[rows], algo.loss_aggregation).clamp(min=1.0)  # global: exp is
+            mine = rows[procs.rank::procs.world]  # this process's share of the mini-batch (maybe none)
             # One autocast context per mini-batch, closed before the optimizer steps. Autocast keeps its bf16
             # copy of each weight until its context exits: the micro-batches share one cast, and no forward
             # after a step can see the weights from before it (a context around the whole update would).
             with autocast(config.mixed_precision, algo.device.type):
-                for idx, sub in exp.batch.micro_batches(rows, micro):
+                for idx, sub in exp.batch.micro_batches(mine, micro):
                     metrics = algo.micro_batch_loss(sub, idx, exp, normaliser)
                     share = float(loss_units(exp.mask[idx, :sub.response_mask.shape[1]], algo.loss_aggregation)
                                   / normaliser)
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in ADDITIVE_METRICS else share)
+            sum_gradients(list(algo.trained.values()), procs)  # the whole mini-batch's gradient, everywhere
             for optimizer in algo.optimizers.values():
                 algo.scaler.unscale(optimizer)  # fp16: true-sized gradients before clipping
             norms = {name: clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm)
@@ -139,7 +154,7 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
             else:
                 finite = run.guard.allows(*norms.values())
             for name, norm in norms.items():
-                sums[f"grad_norm/{name}"] = sums.get(f"grad_norm/{name}", 0.0) + norm
+                norm_sums[f"grad_norm/{name}"] = norm_sums.get(f"grad_norm/{name}", 0.0) + norm
                 if finite:
                     algo.scaler.step(algo.optimizers[name])
                     algo.schedulers[name].step()
@@ -148,7 +163,13 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
             n_updates += 1
     for model in algo.trained.values():
         model.eval()
-    return {k: v / n_updates for k, v in sums.items()}
+    if procs.many:  # each process summed its share; a process with no share at all has no keys
+        totals: dict[str, float] = {}
+        for part in all_gather(sums, procs):
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + value
+        sums = totals
+    return {k: v / n_updates for k, v in {**sums, **norm_sums}.items()}
 
 
 def iteration_row(run: RunContext, algo: RLAlgorithm, exp: Experience, step: int, metrics: dict) -> dict:
@@ -161,8 +182,12 @@ def iteration_row(run: RunContext, algo: RLAlgorithm, exp: Experience, step: int
            "train/skipped_steps": run.guard.skipped, "perf/samples_per_s": len(exp) / exp.timings["time/step_s"]}
     if algo.scaler.active:
         row["train/loss_scale"] = algo.scaler.scale
-    if algo.models.gold is not None:
-        row["objective/gold"] = sum(algo.models.gold_scores(exp.records, exp.texts)) / len(exp.texts)
+    if algo.models.gold is not None:  # each process scores its share
+        procs = processes()
+        mine = my_share(list(range(len(exp))), procs)
+        total = sum(algo.models.gold_scores([exp.records[i] for i in mine], [exp.texts[i] for i in mine])) \
+            if mine else 0.0
+        row["objective/gold"] = sum_across([total], procs)[0] / len(exp.texts)
     return row
 
 
@@ -172,8 +197,11 @@ def _repeat(items: list, k: int) -> list:
 
 def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
-    one_process_only(algorithm.stage)
     device = resolve_device(config)
+    procs = processes()
+    if procs.many and config.distributed == "fsdp":
+        raise UserError(f"distributed: fsdp: {algorithm.stage} runs with ddp for now (every process holds whole "
+                        f"models); sft, reward and dpo shard with fsdp")
     resolve_precision(config, device.type)
     out = resolve_output_dir(config, algorithm.stage)
     records = load_prompts_for(config, keep_extra=algorithm.keep_extra_fields)
@@ -207,9 +235,17 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
         while step < config.max_steps:
             started = time.perf_counter()
             rows = order.indices(step)
-            # 1-2. rollout and score (each prompt's k samples contiguous)
-            with autocast(config.mixed_precision, device.type):
-                exp = algo.rollout(_repeat([records[i] for i in rows], k), _repeat([prompt_ids[i] for i in rows], k))
+            # 1-2. rollout and score (each prompt's k samples contiguous); this process's share of the prompts,
+            # then every process's shares joined into the global batch
+            prompts = my_share(rows, procs)
+            indices = [p * k + s for p in range(procs.rank, len(rows), procs.world) for s in range(k)]
+            local = None
+            if prompts:
+                with autocast(config.mixed_precision, device.type):
+                    local = algo.rollout(_repeat([records[i] for i in prompts], k),
+                                         _repeat([prompt_ids[i] for i in prompts], k),
+                                         sample_seeds(config.seed, step, indices))
+            exp = gather_experience(local, indices, procs, algo.models.tokenizer.pad_token_id, device)
             # 3-4. rewards and advantages
             metrics = algo.advantages(exp)
             # 5. update
@@ -233,9 +269,12 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             bar.update(1)
             bar.set_postfix(**algo.progress(row))
     run.close_progress()
-    algo.models.save(out)
+    if procs.main:  # every process holds the same weights
+        algo.models.save(out)
     if uses_lora(config) and config.merge:  # also a plain HF folder of the policy, for tools that take no adapter
         write_merged(out, algo.models.tokenizer, lambda: load_causal_lm(
             config.model, config.dtype, config.trust_remote_code, config.attn_implementation))
-    write_model_card(out, config, algorithm.stage)
+    if procs.main:
+        write_model_card(out, config, algorithm.stage)
+    barrier(procs)  # the model folder is whole before any process moves on
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhfkit.errors import UserError
-from rlhfkit.runtime.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.runtime.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from rlhfkit.runtime.distributed import barrier, max_across, processes
 from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import StopRequest, TrainingStopped
@@ -32,6 +32,10 @@ class RunContext:
     stop: StopRequest = field(default_factory=StopRequest)
     bar: Any = None                # tqdm progress bar, once started
     logs: dict[str, MetricsLog] = field(default_factory=dict)
+    # The model and optimizer as torch.distributed.checkpoint reads and writes them (runtime/sharded_state.py):
+    # checkpoints hold them in `sharded/` when `shard_writes` (FSDP), and any run can resume from such a one.
+    sharded: Any = None
+    shard_writes: bool = False
 
     # -- resume ------------------------------------------------------------------------------------------
     def resume(self, load_weights: Callable[[Path], None]) -> dict | None:
@@ -43,8 +47,18 @@ class RunContext:
                 print(f"no checkpoint in {self.out / 'checkpoints'}; starting from {self.unit} 0")
             return None
         self.resumed_from, path = found
-        load_weights(path / "model")
-        state = load_checkpoint(path, self.stateful)
+        stateful = self.stateful
+        if (path / "sharded").is_dir():  # written under FSDP: read back into this run's layout
+            if self.sharded is None:
+                raise UserError(f"{path}: a sharded checkpoint (FSDP), which this stage cannot read")
+            self.sharded.load(path / "sharded")
+            stateful = {k: v for k, v in stateful.items() if k not in self.sharded.covers}
+        elif self.shard_writes:
+            raise UserError(f"{path}: written with distributed: ddp (or one process); resume it with ddp, or "
+                            f"start afresh in another output_dir")
+        else:
+            load_weights(path / "model")
+        state = load_checkpoint(path, stateful)
         print(f"resuming from {path} ({self.unit} {state['step']} of {self.total})")
         return state
 
@@ -87,9 +101,14 @@ class RunContext:
         if step == self.total or stopping or (every and step % every == 0):
             # Every process holds the same weights and optimizer state (gradients are summed before the step):
             # the main one writes them, and the others wait until the checkpoint is whole.
-            saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n) \
-                if procs.main else self.out / "checkpoints" / f"step-{step}"
-            barrier(procs)
+            if self.shard_writes:  # FSDP: each process writes its shards, the main one the rest
+                small = {k: v for k, v in self.stateful.items() if k not in self.sharded.covers}
+                saved = save_sharded_checkpoint(self.out, step, self.sharded, small, extra, self.config.keep_last_n,
+                                                procs)
+            else:
+                saved = save_checkpoint(self.out, step, save_model, self.stateful, extra, self.config.keep_last_n) \
+                    if procs.main else self.out / "checkpoints" / f"step-{step}"
+                barrier(procs)
             if stopping:
                 self.close_progress()
                 raise TrainingStopped(self.stop.signum, step, saved)

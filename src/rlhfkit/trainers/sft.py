@@ -77,7 +77,7 @@ def run_sft(config: SFTConfig) -> Path:
     task = SupervisedTask(
         model=model, train_examples=train, collate=collate, loss=sft_loss,
         units=lambda batch: batch["loss_mask"][:, 1:].sum().item(),
-        save_model=lambda folder: save_trained(model, tokenizer, folder, base_path(config)),
+        save_model=lambda folder, state=None: save_trained(model, tokenizer, folder, base_path(config), state),
         load_model=lambda folder: load_trained_weights(model, folder),
         evaluate=(lambda: evaluate_nll(model, evals, collate, config.batch_size, config.eval_batches))
         if evals else None)

@@ -7,7 +7,9 @@ atomic checkpoints every N steps, and resume from the newest one.
 
 Under a launcher (torchrun, accelerate launch) with N processes, `batch_size` stays global: each micro-batch of
 the seeded order is split over the processes, the loss is normalised by the window's global count of units, and
-the gradients are summed over processes (models/parallel.py), so N processes take the same steps as one.
+the gradients are summed over processes (models/parallel.py), so N processes take the same steps as one. With
+`distributed: fsdp` the model is sharded with FSDP2 and checkpoints are written sharded, by every process
+(torch.distributed.checkpoint); the final model is gathered and written whole by the main process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rlhfkit.runtime.guard import NonFiniteGuard
 from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.models.parallel import GradientSum
+from rlhfkit.runtime.sharded_state import ShardedState
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler, clip_gradients
 from rlhfkit.trainers.run_context import RunContext
 
@@ -43,7 +46,7 @@ class SupervisedTask:
     # tokens, pairs) of the whole accumulation window, so summed micro-batch losses equal one big batch's.
     loss: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict]]
     units: Callable[[dict], float]
-    save_model: Callable[[Path], None]
+    save_model: Callable[..., None]  # (folder, state_dict=None): state_dict, FSDP's whole weights, gathered
     load_model: Callable[[Path], None]  # the weights save_model wrote, back into the model (resume)
     evaluate: Callable[[], dict] | None = None
     lr_overrides: dict[str, float] | None = None
@@ -63,6 +66,9 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     seed_everything(config.seed)
     order = BatchOrder(len(task.train_examples), config.batch_size, config.seed)
     steps = total_steps(config, len(task.train_examples))
+    procs = processes()
+    # DDP or FSDP under a launcher; before the optimizer, whose parameters FSDP's shards are
+    parallel = GradientSum(task.model, procs, stage_device(config), config.distributed)
     optimizer = build_optimizer(task.model, config, task.lr_overrides)
     scheduler = build_scheduler(optimizer, config, steps)
     guard = NonFiniteGuard(config.max_bad_steps)
@@ -71,11 +77,10 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
     if scaler.active:
         stateful["loss_scaler"] = scaler
-    run = RunContext(config, output_dir, steps, guard, stateful)
+    run = RunContext(config, output_dir, steps, guard, stateful, sharded=ShardedState(task.model, optimizer),
+                     shard_writes=parallel.sharded)
     state = run.resume(task.load_model)
     step, microbatch = (state["step"], state["microbatch"]) if state is not None else (0, 0)
-    procs = processes()
-    parallel = GradientSum(task.model, procs, stage_device(config))
     log = run.log("metrics")
     params = [p for p in task.model.parameters() if p.requires_grad]
     accum = config.gradient_accumulation_steps
@@ -132,7 +137,7 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             evaluating = task.evaluate is not None and (step == steps or (config.eval_every and step % config.eval_every == 0))
             if evaluating:
                 task.model.eval()
-                with torch.no_grad(), autocast(config.mixed_precision, device_type):
+                with torch.no_grad(), autocast(config.mixed_precision, device_type), parallel.whole():
                     row.update({f"eval/{k}": v for k, v in task.evaluate().items()})
                 task.model.train()
             logged = evaluating or step % config.log_every == 0 or step == steps
@@ -150,8 +155,9 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
             bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{row['perf/samples_per_s']:.1f}")
     run.close_progress()
     task.model.eval()
+    whole = parallel.full_state_dict()  # FSDP: the whole weights, gathered in the main process; else None
     if procs.main:
-        task.save_model(output_dir)
+        task.save_model(output_dir, whole)
         write_model_card(output_dir, config, desc)
     barrier(procs)  # the model folder is whole before any process moves on (a merge, the next stage)
     return rows

@@ -1,0 +1,43 @@
+"""A model and its optimizer in a checkpoint written by every process: torch.distributed.checkpoint (DCP).
+
+Under FSDP each process holds a shard of every weight and of the optimizer's state, so no process can write the
+whole state alone. DCP writes each process's shards (`__N_0.distcp` files plus a `.metadata` index) and reads
+them back into any layout: the same number of processes, another one, or one process with whole tensors (it
+reshards on load). `get_state_dict`/`set_state_dict` give the model's and the optimizer's state under the
+parameters' own names, whether the model is sharded or not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class ShardedState:
+    covers = ("optimizer",)  # the checkpoint's stateful entries this state replaces
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save(self, folder: Path) -> None:
+        """Every process writes its shards into `folder` (a collective: all must call it)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(folder))
+
+    def load(self, folder: Path) -> None:
+        """Read the model's and the optimizer's state from `folder`, resharded to this run's layout."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
