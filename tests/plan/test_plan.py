@@ -72,8 +72,13 @@ def test_layouts_place_models():
     fsdp = plan(replace(wl, knobs=replace(wl.knobs, layout="fsdp")), devices)
     single = plan(wl, devices)
     assert all(ids == [0, 1, 2, 3, 4] for ids in fsdp.placement.values())
+    # FSDP shards the trained policy and critic over the 5 devices; the frozen reference and reward model stay
+    # whole on each (as rlhfkit runs it)
+    trained = plan(replace(wl, weights=[w for w in wl.weights if w.trained != "frozen"]), devices)
+    frozen = single.phases["train"][0].parts["weights"] - trained.phases["train"][0].parts["weights"]
+    assert frozen > 0 and {w.trained for w in wl.weights} == {"full", "frozen"}
     per_device = fsdp.phases["train"][0].parts["weights"]
-    assert per_device == pytest.approx(single.phases["train"][0].parts["weights"] / 5, rel=1e-6)
+    assert per_device == pytest.approx(trained.phases["train"][0].parts["weights"] / 5 + frozen, rel=1e-6)
 
 
 def test_lora_ppo_keeps_one_base_for_three_roles():

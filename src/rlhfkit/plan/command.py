@@ -29,7 +29,8 @@ N devices, CPU offload), each re-planned.
   --stage STAGE        which stage's settings to plan
   --devices LIST       e.g. 5xT4, 1xA100-80GB, 2xH100, 2xgpu:24GB, cpu:24GB
   --layout L           single: every model on one device (what rlhfkit runs); spread: one model per device;
-                       fsdp: every model sharded over all devices (default: single)
+                       fsdp: one process per device, trained models sharded over all (FSDP), frozen
+                       ones whole on each (default: single)
   --frozen-half        what-if: frozen models (and a LoRA base) stored in fp16/bf16
   --offload-optimizer  what-if: optimizer state in host memory
   --json               the same result as JSON

@@ -10,8 +10,10 @@ Layouts:
 - single: every model on one device, one process (what `rlhfkit <stage>` runs);
 - spread: each model whole on its own device, largest first onto the least loaded one (model placement, as
   OpenRLHF places actor, critic, reference and reward on separate GPUs; rlhfkit runs one device per stage today);
-- fsdp: every model sharded over all N devices, one process per device, each with its own micro-batch
-  (weights, gradients and optimizer state / N, plus the layers FSDP gathers while it computes).
+- fsdp: one process per device (`torchrun --nproc-per-node N`, `distributed: fsdp`), each with its share of
+  the global batch; every trained model sharded over all N (weights, gradients and optimizer state / N, plus the
+  layers FSDP gathers while it computes; with LoRA its frozen base too, sharded with its adapters), and every
+  frozen model of its own (a reference, a reward model) whole on each device, as rlhfkit runs it.
 """
 
 from __future__ import annotations
@@ -219,7 +221,11 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
         wl = replace(wl, knobs=replace(wl.knobs, layout="single"))
     placement = place(wl, devices)
     n = len(devices) if wl.knobs.layout == "fsdp" else 1
-    shard = 1 / n
+
+    def shard_of(ws: WeightSet) -> float:
+        """The share of a weight set each device holds: FSDP shards trained models; frozen ones stay whole."""
+        return 1 / n if ws.trained != "frozen" else 1.0
+
     by_name = {ws.name: ws for ws in wl.weights}
 
     def blank() -> dict[int, dict[str, int]]:
@@ -233,19 +239,20 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
         moment = blank()
         for ws in wl.weights:
             for i in placement[ws.name]:
-                moment[i]["weights"] += int(weight_bytes(ws, wl, devices[i]) * shard)
+                moment[i]["weights"] += int(weight_bytes(ws, wl, devices[i]) * shard_of(ws))
                 if optimizer and not wl.knobs.offload_optimizer:
                     moment[i]["optimizer"] += int(mem.adam_state_bytes(trainable_params(ws, wl),
-                                                                       param_bytes(ws, wl)) * shard)
+                                                                       param_bytes(ws, wl)) * shard_of(ws))
         return moment
 
     def grads(ws: WeightSet) -> int:
         if ws.trained == "lora":  # every adapter on this base: their gradients live together
-            return int(trainable_params(ws, wl) * 4 * shard)
-        return int(trainable_params(ws, wl) * param_bytes(ws, wl) * shard)
+            return int(trainable_params(ws, wl) * 4 * shard_of(ws))
+        return int(trainable_params(ws, wl) * param_bytes(ws, wl) * shard_of(ws))
 
     def gather(moment, ws: WeightSet):
-        add(moment, ws.name, "other", fsdp_gather_bytes(ws, wl, n))
+        if ws.trained != "frozen":  # a whole frozen model gathers nothing
+            add(moment, ws.name, "other", fsdp_gather_bytes(ws, wl, n))
 
     dev = {ws.name: devices[placement[ws.name][0]] for ws in wl.weights}
     phases: dict[str, list[list[dict]]] = {}
@@ -263,8 +270,8 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
         moments = []
         for acts, logits, other, own in (
                 (p.blocks_saved, p.head_saved + p.head_forward, p.other, pre),
-                (p.blocks_saved, p.head_saved + p.head_backward, 0, max(pre, p.head_grad * shard)),
-                (p.blocks_saved + p.recompute + p.block_transient, 0, 0, max(pre, p.head_grad * shard)),
+                (p.blocks_saved, p.head_saved + p.head_backward, 0, max(pre, p.head_grad * shard_of(ws))),
+                (p.blocks_saved + p.recompute + p.block_transient, 0, 0, max(pre, p.head_grad * shard_of(ws))),
                 (0, 0, 0, g + p.embed_transient)):
             m = base()
             for name, held in alive.items():
@@ -275,7 +282,7 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             add(m, ws.name, "logits", logits)
             add(m, ws.name, "other", other)
             for held in wl.weights:
-                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard)
+                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard_of(held))
             gather(m, ws)
             moments.append(m)
         return moments
@@ -321,7 +328,7 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             half_copy = autocast_cache_bytes(policy, wl, device)
         prefill, decode = base(), base()
         for m in (prefill, decode):
-            add(m, policy.name, "weight copies", half_copy * shard)
+            add(m, policy.name, "weight copies", half_copy * shard_of(policy))
             gather(m, policy)
         add(prefill, policy.name, "kv cache", mem.kv_cache_bytes(s, B, wl.prompt_len, kv_bytes))
         add(prefill, policy.name, "activations", mem.block_inference_transient(s, B, wl.prompt_len, num, "sdpa"))
@@ -341,7 +348,7 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             for cat, value in inference_moment(role, ws, wl, dev[ws.name], rows, wl.seq_len).items():
                 add(m, ws.name, cat, value)
             for held in wl.weights:  # scoring runs inside the rollout's autocast context
-                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard)
+                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard_of(held))
             gather(m, ws)
             scoring.append(m)
         phases["score"] = scoring
@@ -488,7 +495,9 @@ def describe_change(name: str, wl: Workload, n_devices: int) -> str:
     if name == "lora":
         return f"lora_r: {k.lora_r} (one frozen base, adapters trained)"
     if name == "fsdp":
-        return f"FSDP over {n_devices} processes (distributed: fsdp, planned)"
+        how = "torchrun, distributed: fsdp" if wl.stage in ("sft", "reward", "dpo") else \
+            f"distributed: fsdp, not yet in rlhfkit {wl.stage}"
+        return f"FSDP over {n_devices} processes ({how})"
     if name == "spread":
         return "one model per device (what-if: rlhfkit runs one device per stage)"
     if name == "offload":

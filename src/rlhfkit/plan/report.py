@@ -10,7 +10,7 @@ from rlhfkit.plan.workload import Workload, compute_mode
 
 GIB = 2**30
 LAYOUT_WORDS = {"single": "every model on one device", "spread": "one model per device",
-                "fsdp": "every model sharded over all devices (FSDP)"}
+                "fsdp": "one process per device; trained models sharded (FSDP), frozen ones whole on each"}
 
 
 def _gib(n: int) -> str:
@@ -30,13 +30,15 @@ def other_layouts(wl: Workload, devices: list[Device]) -> dict[str, Plan]:
     return out
 
 
-def _where(devices: list[Device], indices: list[int]) -> str:
+def _where(devices: list[Device], indices: list[int], sharded: bool = True) -> str:
+    """The devices a model is on; on several, sharded over them (FSDP) or whole on each (a frozen model)."""
     if len(indices) == 1:
         return devices[indices[0]].label
+    how = f"sharded: 1/{len(indices)} on each" if sharded else "whole on each"
     kinds = {devices[i].kind for i in indices}
     if len(kinds) == 1 and indices == list(range(indices[0], indices[-1] + 1)):
-        return f"cuda:{indices[0]}..{indices[-1]} ({kinds.pop()}), sharded: 1/{len(indices)} on each"
-    return ", ".join(devices[i].label for i in indices) + f", sharded: 1/{len(indices)} on each"
+        return f"cuda:{indices[0]}..{indices[-1]} ({kinds.pop()}), {how}"
+    return ", ".join(devices[i].label for i in indices) + f", {how}"
 
 
 def _used(p: Plan) -> list[int]:
@@ -132,7 +134,7 @@ def render_text(p: Plan, suggestions: list[Suggestion], others: dict[str, Plan])
         trained = {"full": "trained (full)", "lora": f"frozen, LoRA adapters trained ({', '.join(ws.adapters)})",
                    "frozen": "frozen"}[ws.trained]
         kind = "causal LM" if ws.lm_head else "trunk + scalar head"
-        what = f"{ws.shape.name} {kind}, {trained} -> {_where(devices, p.placement[ws.name])}"
+        what = f"{ws.shape.name} {kind}, {trained} -> {_where(devices, p.placement[ws.name], ws.trained != 'frozen')}"
         lines.append(f"  {ws.name:<14} {what}" if len(ws.name) <= 14 else f"  {ws.name}\n  {'':<14} {what}")
     used = _used(p)
     idle = [devices[i].label for i in range(len(devices)) if i not in used]

@@ -28,7 +28,7 @@ class Knobs:
     lora_targets: tuple[str, ...] | None = None
     frozen_half: bool = False      # frozen models' linear layers in fp16/bf16
     layout: str = "single"         # 'single': every model on one device; 'spread': one model per device;
-                                   # 'fsdp': every model sharded over all devices (N processes)
+                                   # 'fsdp': trained models sharded over all devices, frozen ones whole (N processes)
     offload_optimizer: bool = False  # AdamW state in host memory (DeepSpeed ZeRO-Offload style)
 
 
