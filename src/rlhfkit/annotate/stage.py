@@ -30,7 +30,7 @@ from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.output_dir import prepare_output_dir
 from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.runtime.device import resolve_device
-from rlhfkit.runtime.distributed import all_gather, my_share, processes
+from rlhfkit.runtime.distributed import all_gather, my_samples, processes
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -65,7 +65,7 @@ def run_annotate(config: AnnotateConfig) -> Path:
                                   config.system_prompt)
                   for r in records]
     # This process's prompts (all of them with one process), each prompt's k responses together.
-    indices = [p * k + j for p in my_share(list(range(len(records))), procs) for j in range(k)]
+    indices = my_samples(len(records), k, procs)
     with autocast(config.mixed_precision, device.type):
         samples = sample_responses(model, tokenizer, [prompt_ids[i // k] for i in indices], max_new,
                                    config.temperature, config.top_p, config.batch_size,

@@ -56,7 +56,7 @@ from rlhfkit.data.stage_records import prompt_records
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import first_line
 from rlhfkit.runtime.device import resolve_device, stage_device
-from rlhfkit.runtime.distributed import all_gather, my_share, processes
+from rlhfkit.runtime.distributed import all_gather, my_samples, processes
 from rlhfkit.runtime.precision import resolve_precision
 
 
@@ -102,7 +102,7 @@ def _best_of_n(ref, tokenizer, records: list[dict], prompt_ids: list[list[int]],
     responses with both scores (best_of_n.jsonl)."""
     N = config.best_of_n
     procs = processes()
-    indices = _my_samples(len(records), N, procs)
+    indices = my_samples(len(records), N, procs)
     repeated = [records[i // N] for i in indices]
     with autocast(config.mixed_precision, stage_device(config).type):
         drawn = _sample_and_score(ref, None, tokenizer, repeated, [prompt_ids[i // N] for i in indices],
@@ -176,11 +176,6 @@ def _benchmark(bench, policy, ref, tokenizer, config: EvalConfig, key: dict, out
             "tasks": compare(ours, reference, same_model=ref is policy)}
 
 
-def _my_samples(n_prompts: int, k: int, procs) -> list[int]:
-    """Global indices of this process's samples: its share of the prompts, each prompt's k samples together."""
-    return [p * k + j for p in my_share(list(range(n_prompts)), procs) for j in range(k)]
-
-
 def _gathered(indices: list[int], columns: dict[str, list], procs) -> dict[str, list]:
     """Each column with every process's values (this one's are at global `indices`), in global order."""
     shares = all_gather((indices, columns), procs)
@@ -242,7 +237,7 @@ def run_eval(config: EvalConfig) -> Path:
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], config.max_prompt_length, config.use_chat_template,
                                   config.system_prompt)
                   for r in repeated]
-    mine = _my_samples(len(records), k, procs)  # this process's samples (all of them with one process)
+    mine = my_samples(len(records), k, procs)  # this process's samples (all of them with one process)
     with autocast(config.mixed_precision, device.type):
         ours = _sample_and_score(policy, ref, tokenizer, [repeated[i] for i in mine], [prompt_ids[i] for i in mine],
                                  sample_seeds(config.seed, 0, mine), config, reward)

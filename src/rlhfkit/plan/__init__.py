@@ -8,7 +8,8 @@ shapes.py (config.json or named facts) -> workload.py (a stage's config: weight 
 from __future__ import annotations
 
 from rlhfkit.plan.devices import Device, parse_devices
-from rlhfkit.plan.layout import Plan, Suggestion, plan, suggest
+from rlhfkit.plan.layout import Plan, plan
+from rlhfkit.plan.suggest import Suggestion, suggest
 from rlhfkit.plan.report import full_report, plan_json, render_text
 from rlhfkit.plan.shapes import ModelShape, resolve_shape
 from rlhfkit.plan.workload import Knobs, Workload, build_workload

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rlhfkit.plan.devices import Device, describe
-from rlhfkit.plan.layout import CATEGORIES, Plan, Suggestion, plan, suggest
+from rlhfkit.plan.layout import CATEGORIES, Plan, plan
+from rlhfkit.plan.suggest import Suggestion, suggest
 from rlhfkit.plan.workload import Workload, compute_mode
 
 GIB = 2**30

@@ -74,6 +74,12 @@ def my_share(indices: list[int], procs: Processes) -> list[int]:
     return indices[procs.rank::procs.world]
 
 
+def my_samples(n_prompts: int, k: int, procs: Processes) -> list[int]:
+    """Global indices of this process's samples when each of `n_prompts` prompts has k samples in a row: its
+    share of the prompts (`my_share`), each prompt's k samples together (a group never straddles processes)."""
+    return [p * k + j for p in my_share(list(range(n_prompts)), procs) for j in range(k)]
+
+
 def _reduce(values: list[float], op) -> list[float]:
     """`values` reduced element-wise over all processes with `op`, in float64 (counts and metric sums stay
     exact enough to compare with one process's), on the device the backend communicates from."""

@@ -41,7 +41,7 @@ from rlhfkit.runtime.device import resolve_device, stage_device
 from rlhfkit.models.parallel import sum_gradients
 from rlhfkit.rollout.gather import gather_experience
 from rlhfkit.rollout.generate import sample_seeds
-from rlhfkit.runtime.distributed import all_gather, barrier, my_share, processes, sum_across
+from rlhfkit.runtime.distributed import all_gather, barrier, my_samples, my_share, processes, sum_across
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.trainers.optim import clip_gradients
@@ -238,7 +238,7 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             # 1-2. rollout and score (each prompt's k samples contiguous); this process's share of the prompts,
             # then every process's shares joined into the global batch
             prompts = my_share(rows, procs)
-            indices = [p * k + s for p in range(procs.rank, len(rows), procs.world) for s in range(k)]
+            indices = my_samples(len(rows), k, procs)
             local = None
             if prompts:
                 with autocast(config.mixed_precision, device.type):
