@@ -7,6 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs in pytest-xdist workers (`-n 2` in pyproject.toml), one per core: each worker, and every process
+# a test starts, computes on one thread. Two processes whose OpenMP pools both span every core spin against each
+# other and run far slower than one (set before torch is imported, which reads these once).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -58,6 +58,9 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert printed.count("(lm-eval) on the policy") == 2 and "(lm-eval) on the reference" not in printed
     for stage in ("sft", "annotate", "reward", "ppo", "eval/sft", "eval/ppo"):
         assert (out / stage / ".done").exists(), stage
+    # keep_checkpoints is off: no stage writes a checkpoint after its last step only for it to be deleted.
+    for stage in ("sft", "reward", "ppo"):
+        assert "checkpoint_at_end: false" in (out / stage / "config.yaml").read_text(), stage
     # The reference's samples are drawn once, by the first evaluation, and reused by the others.
     assert (out / "eval" / "sft" / "reference.json").exists()
     assert f"reference_samples: {out / 'eval' / 'sft'}" in (out / "eval" / "ppo" / "config.yaml").read_text()

@@ -104,6 +104,9 @@ class LoggingConfig:
     log_every: int = opt(1, "Write a metrics.jsonl row every N steps.")
     save_every: int = opt(100, "Checkpoint every N steps (0: only at the end).")
     keep_last_n: int = opt(2, "Checkpoints kept; older ones are deleted (0: keep all).")
+    checkpoint_at_end: bool = opt(True, "Also checkpoint after the last step, so that --resume with a larger "
+                                  "max_steps continues. A pipeline that deletes finished stages' checkpoints "
+                                  "(keep_checkpoints: false) turns it off.")
     resume: bool = opt(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
     progress: bool = opt(True, "Show a progress bar.")
 

@@ -242,6 +242,10 @@ def _run_stages(pipe: Pipeline, runner) -> Path | None:
             if (out / "eval" / "sft" / "reference.json").exists():
                 # The reference's samples depend on the reference alone: sampled once, by the first evaluation.
                 config.reference_samples = str(out / "eval" / "sft")
+        if hasattr(config, "checkpoint_at_end") and not pipe.keep_checkpoints:
+            # The finished stage's checkpoints are deleted below: writing one after the last step (the model and
+            # optimizer state, 3 GB for the embedded PPO's two models) would only cost time.
+            config.checkpoint_at_end = False
         if hasattr(config, "resume") and Path(config.output_dir, "checkpoints").is_dir():
             config.resume = True  # an interrupted training stage continues from its last checkpoint
         print(f"pipeline: running {name} -> {config.output_dir}")

@@ -49,6 +49,12 @@ def test_eval_against_itself_has_zero_kl(tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["kl_to_reference_mean"] == 0.0 and result["kl_to_reference_ci95"] == [0.0, 0.0]
     assert "proxy_reward_mean" not in result
+    # Scored on the reference's own samples (one generation pass): every pair ties, and those samples are the
+    # ones an evaluation of another policy against this reference draws.
+    assert result["win_rate_vs_reference_mean"] == 0.5 and result["win_rate_vs_reference_std"] == 0.0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == [r["reference_response"] for r in rows]
+    assert result["gold_reward_mean"] == result["reference_gold_reward_mean"]
 
 
 def test_reference_samples_are_reused_only_when_sampled_the_same_way(tmp_path, other_model):

@@ -35,6 +35,16 @@ def test_sft_loss_falls_and_outputs_a_loadable_hf_folder(tmp_path):
     assert model.config.vocab_size > 40000
 
 
+def test_no_checkpoint_after_the_last_step_when_asked(tmp_path):
+    """checkpoint_at_end: false (what a pipeline that deletes checkpoints sets) writes only the save_every ones."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
+    out = tmp_path / "run"
+    run_sft(tiny_config("sft", data=data, output_dir=out, max_steps=3, save_every=2, keep_last_n=0,
+                        checkpoint_at_end=False, eval_fraction=0, progress=False))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert (out / "model.safetensors").is_file()
+
+
 def test_gradient_accumulation_matches_a_big_batch(tmp_path):
     """4 x 2 micro-batches with accumulation give the same update as one batch of 8."""
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Q{i} " * (i % 5 + 1), "completion": "A " * (i % 3 + 1)}

@@ -15,7 +15,8 @@ Reported, each as a mean with a 95% interval computed over prompts (samples of o
 - win_rate_vs_reference: policy sample i against reference sample i of the same prompt, judged by the gold
   scorer, ties counting one half. The reference's samples are drawn from their own seed (seed + 1), so they
   do not depend on the policy: a pipeline samples them once and its other evaluations reuse them
-  (`reference_samples`, checked against `reference.json`);
+  (`reference_samples`, checked against `reference.json`). A model evaluated against itself is scored on
+  those very samples (one generation pass; win rate 1/2);
 - response_length: response tokens (EOS included);
 - benchmark (with `benchmark`, lm-eval:TASK[,TASK]): a capability benchmark of the policy and the reference,
   and its change (eval.benchmark); the reference's scores are reused from `reference_samples` when the same;
@@ -238,13 +239,19 @@ def run_eval(config: EvalConfig) -> Path:
                                   config.system_prompt)
                   for r in repeated]
     mine = my_samples(len(records), k, procs)  # this process's samples (all of them with one process)
+    # The reference evaluated against itself (a pipeline's starting policy): its samples are drawn from the
+    # reference's seed and serve as both sides, so one generation pass instead of two, the win rate is 1/2
+    # exactly, and later evaluations reuse the very samples this one was scored on.
+    policy_seed = config.seed + 1 if ref is policy else config.seed
     with autocast(config.mixed_precision, device.type):
         ours = _sample_and_score(policy, ref, tokenizer, [repeated[i] for i in mine], [prompt_ids[i] for i in mine],
-                                 sample_seeds(config.seed, 0, mine), config, reward)
-    # Independent samples of the reference, even when it is the policy itself (then the win rate is ~0.5),
-    # from their own seed: they depend on the reference alone, so other evaluations can reuse them.
+                                 sample_seeds(policy_seed, 0, mine), config, reward)
+    # Samples of the reference from their own seed (seed + 1): they depend on the reference alone, so other
+    # evaluations can reuse them.
     if reused is not None:
         theirs = {"texts": [reused[i] for i in mine]}
+    elif ref is policy:
+        theirs = {"texts": ours["texts"]}
     else:
         with autocast(config.mixed_precision, device.type):
             theirs = _sample_and_score(ref, None, tokenizer, [repeated[i] for i in mine],

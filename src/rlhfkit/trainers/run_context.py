@@ -88,8 +88,9 @@ class RunContext:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def checkpoint_when_due(self, step: int, save_model: Callable[[Path], None], extra: dict) -> None:
-        """Checkpoint every save_every steps, at the end, and when a signal asked to stop (then raise
-        TrainingStopped, which the CLI turns into exit status 128 + the signal number)."""
+        """Checkpoint every save_every steps, at the end (unless checkpoint_at_end is off), and when a signal
+        asked to stop (then raise TrainingStopped, which the CLI turns into exit status 128 + the signal
+        number)."""
         procs = processes()
         if procs.many:
             # A launcher signals each process on its own, each at its own point of the step: they agree, once
@@ -98,7 +99,8 @@ class RunContext:
             self.stop.signum = agreed or None
         stopping = self.stop.signum is not None and step < self.total
         every = self.config.save_every
-        if step == self.total or stopping or (every and step % every == 0):
+        at_end = step == self.total and self.config.checkpoint_at_end
+        if at_end or stopping or (every and step % every == 0):
             # Every process holds the same weights and optimizer state (gradients are summed before the step):
             # the main one writes them, and the others wait until the checkpoint is whole.
             if self.shard_writes:  # FSDP: each process writes its shards, the main one the rest
