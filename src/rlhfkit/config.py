@@ -349,6 +349,9 @@ class EvalConfig(SamplingConfig, RunConfig):
                                 "task (rlhfkit_reply_choice, offline) or lm-eval's own (hellaswag, arc_easy, ...: "
                                 "their data sets must be downloadable); scores with standard errors in eval.json.")
     benchmark_limit: int = opt(0, "Documents per benchmark task (0: all; lm-eval's --limit).")
+    benchmark_batch_size: int = opt(16, "Sequences per lm-eval forward. lm-eval keeps the logits of every position "
+                                    "over the whole vocabulary, (batch, length, vocabulary), so a large batch of long "
+                                    "requests costs gigabytes: on the demo's benchmark 16 took 64 s, 128 took 248 s.")
 
 
 @dataclass

@@ -240,7 +240,7 @@ def validate(config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = ("batch_size", "gradient_accumulation_steps", "max_prompt_length", "max_length",
                 "responses_per_prompt", "max_new_tokens", "rollout_batch_size", "ppo_epochs", "max_bad_steps",
-                "prompts_per_step", "num_iterations", "overlap")
+                "prompts_per_step", "num_iterations", "overlap", "benchmark_batch_size")
     for name in positive:
         if hasattr(config, name) and getattr(config, name) < 1:
             raise ConfigError(f"key '{name}': must be >= 1, got {getattr(config, name)}")

@@ -37,7 +37,13 @@ def test_the_local_task_is_built_from_the_held_out_split_only():
 
     train, held_out = embedded_sft_split()
     docs = load()["test"]
-    assert len(docs) == len(held_out) == 313
+    assert len(docs) == len(held_out) == 504
+    # Shuffled, so that a limit reads a sample of every topic: the first 100 documents come from all over the
+    # held-out records (which follow the corpus's topic files), not from their first 100.
+    assert sorted(d["question"] for d in docs) == sorted(r["prompt"] for r in held_out)
+    index = {(r["prompt"], r["completion"]): i for i, r in enumerate(held_out)}
+    positions = sorted(index[d["question"], d["choices"][d["label"]]] for d in docs.select(range(100)))
+    assert positions[-1] > 0.8 * len(held_out) and positions[50] > 0.25 * len(held_out)
     assert not {d["question"] for d in docs} & {r["prompt"] for r in train}
     labels = [d["label"] for d in docs]
     # The answer's position is drawn uniformly: no position holds it much more often than chance would.
@@ -97,10 +103,11 @@ def _by_hand(model, tokenizer, docs) -> tuple[float, float]:
     return acc / len(docs), norm / len(docs)
 
 
-def test_lm_eval_scores_the_loaded_model_as_a_direct_computation_does(tiny_model, tokenizer):
+@pytest.mark.parametrize("batch_size", [3, 16])  # lm-eval pads each batch: the scores must not depend on it
+def test_lm_eval_scores_the_loaded_model_as_a_direct_computation_does(tiny_model, tokenizer, batch_size):
     tiny_model.eval()
-    scores = run_benchmark(Benchmark("lm-eval", ("rlhfkit_reply_choice",)), tiny_model, tokenizer, batch_size=8,
-                           limit=24)["rlhfkit_reply_choice"]
+    scores = run_benchmark(Benchmark("lm-eval", ("rlhfkit_reply_choice",)), tiny_model, tokenizer,
+                           batch_size=batch_size, limit=24)["rlhfkit_reply_choice"]
     acc, acc_norm = _by_hand(tiny_model, tokenizer, list(load()["test"])[:24])
     assert scores["n"] == 24
     assert scores["metrics"]["acc"]["value"] == pytest.approx(acc)
@@ -110,7 +117,8 @@ def test_lm_eval_scores_the_loaded_model_as_a_direct_computation_does(tiny_model
     assert tiny_model.training is False
 
 
-def test_eval_writes_the_benchmark_of_both_models(tmp_path):
+def test_eval_writes_the_benchmark_of_both_models(tmp_path, monkeypatch):
+    import rlhfkit.eval.evaluate as evaluate
     from rlhfkit.eval.evaluate import run_eval
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.models.tiny import build_tiny_model
@@ -123,8 +131,17 @@ def test_eval_writes_the_benchmark_of_both_models(tmp_path):
     tok.save_pretrained(other)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": "Good day"}])
     out = tmp_path / "ev"
+    batch_sizes = []
+
+    def spy(bench, model, tokenizer, batch_size, *args):
+        batch_sizes.append(batch_size)
+        return run_benchmark(bench, model, tokenizer, batch_size, *args)
+
+    monkeypatch.setattr(evaluate, "run_benchmark", spy)
     run_eval(tiny_config("eval", data=prompts, output_dir=out, ref_model=other, samples_per_prompt=1, max_new_tokens=4,
-                         benchmark="lm-eval:rlhfkit_reply_choice", benchmark_limit=16, progress=False))
+                         benchmark="lm-eval:rlhfkit_reply_choice", benchmark_limit=16, benchmark_batch_size=5,
+                         progress=False))
+    assert batch_sizes == [5, 5]  # the policy's and the reference's, not the sampling batch
     result = json.loads((out / "eval.json").read_text())["benchmark"]
     assert result["harness"] == "lm-eval" and result["limit"] == 16
     rows = result["tasks"]["rlhfkit_reply_choice"]["metrics"]

@@ -34,6 +34,21 @@ def test_micro_batches_group_similar_lengths_and_cover_all_rows():
     assert [sub.input_ids.shape for _, sub in chunks] == [(2, 2), (2, 6)]
 
 
+def test_length_buckets_cover_all_rows_trimmed_and_score_as_the_whole_batch(tokenizer, tiny_model):
+    prompts = [[11], [11, 12, 13, 14, 15, 16], [11], [11, 12, 13, 14, 15, 16, 17]]
+    responses = [[5], [5, 6, 7, 8, 9, 10, 11, 12], [5, 6], [5, 6, 7, 8, 9, 10, 11]]
+    batch = build_rollout_batch(prompts, responses, [True] * 4, tokenizer.pad_token_id)
+    buckets = list(batch.length_buckets(overhead=0))
+    assert sorted(sum((rows.tolist() for rows, _ in buckets), [])) == [0, 1, 2, 3]
+    assert [sub.input_ids.shape for _, sub in buckets] == [(1, 2), (1, 3), (2, 15)]
+    assert [list(rows.tolist()) for rows, _ in batch.length_buckets(overhead=None)] == [[0, 1, 2, 3]]
+    with torch.no_grad():
+        whole = response_logprobs(tiny_model, batch)[0]
+        for rows, sub in buckets:
+            part = response_logprobs(tiny_model, sub)[0]
+            close(part, whole[rows, :part.shape[1]], tiny_model.config.hidden_size, len(tokenizer))
+
+
 def test_cut_at_eos_keeps_the_eos():
     assert cut_at_eos([4, 5, 2, 7, 2], {2}) == ([4, 5, 2], True)
     assert cut_at_eos([4, 5], {2}) == ([4, 5], False)

@@ -43,6 +43,7 @@ from rlhfkit.config import EvalConfig
 from rlhfkit.track.stage import tracked
 from rlhfkit.core.best_of_n import best_of_n_kl, best_of_n_pick, best_of_n_sizes
 from rlhfkit.core.stats import mean_ci95, win_rate
+from rlhfkit.data.length_buckets import bucket_overhead
 from rlhfkit.data.text import prompt_text
 from rlhfkit.data.tokenize import tokenize_prompt
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer
@@ -85,7 +86,11 @@ def _sample_and_score(policy, ref, tokenizer, records, prompt_ids, seeds: list[i
             out["kl_exact"] += [0.0] * len(samples)
         elif ref is not None:
             # One forward of each model gives the sampled tokens' log-probs and the exact per-token KL.
-            logp, logq, kl_exact = response_logprobs_and_kl(policy, ref, batch, config.temperature)
+            logp, logq, kl_exact = (torch.zeros_like(mask) for _ in range(3))  # (B, R) each
+            for rows, sub in batch.length_buckets(bucket_overhead(policy)):  # rows of similar length together
+                width = sub.response_mask.shape[1]
+                logp[rows, :width], logq[rows, :width], kl_exact[rows, :width] = response_logprobs_and_kl(
+                    policy, ref, sub, config.temperature)
             out["kl"] += torch.where(mask.bool(), logp - logq, torch.zeros_like(logp)).sum(1).tolist()
             out["kl_exact"] += kl_exact.sum(1).tolist()
         out["length"] += mask.sum(1).tolist()
@@ -166,12 +171,14 @@ def _benchmark(bench, policy, ref, tokenizer, config: EvalConfig, key: dict, out
             reference = saved["scores"] if saved.get("key") == ref_key else None
     with autocast(config.mixed_precision, stage_device(config).type):
         print(f"eval: benchmark {','.join(bench.tasks)} (lm-eval) on the policy")
-        ours = run_benchmark(bench, policy, tokenizer, config.batch_size, config.benchmark_limit, config.seed)
+        ours = run_benchmark(bench, policy, tokenizer, config.benchmark_batch_size, config.benchmark_limit,
+                             config.seed)
         if reference is None and ref is policy:
             reference = ours
         elif reference is None:
             print(f"eval: benchmark {','.join(bench.tasks)} (lm-eval) on the reference")
-            reference = run_benchmark(bench, ref, tokenizer, config.batch_size, config.benchmark_limit, config.seed)
+            reference = run_benchmark(bench, ref, tokenizer, config.benchmark_batch_size, config.benchmark_limit,
+                                      config.seed)
     (out / "reference_benchmark.json").write_text(json.dumps({"key": ref_key, "scores": reference}, indent=2))
     return {"harness": bench.harness, "limit": config.benchmark_limit,
             "tasks": compare(ours, reference, same_model=ref is policy)}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.core.positions import last_token_index
+from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.errors import UserError
 from rlhfkit.models import lora
 from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, first_line, load_errors,
@@ -51,9 +52,17 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
 
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Scalar score per sequence. input_ids, attention_mask: (B, T) -> (B,) float32."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state  # (B, T, H)
+    """Scalar score per sequence. input_ids, attention_mask: (B, T) -> (B,) float32. Rows of similar length are
+    scored together, each bucket without its pad columns (data/length_buckets)."""
+    if position_ids is None:  # count real tokens only, so that cropping pad columns moves no position
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return forward_in_buckets(lambda sub: _score(model, sub), batch, bucket_overhead(model))
+
+
+def _score(model, batch: dict) -> torch.Tensor:
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, last_token_index(attention_mask)]  # (B, H)
+    last = hidden[rows, last_token_index(batch["attention_mask"])]  # (B, H)
     return model.score(last).squeeze(-1).float()  # (B,)

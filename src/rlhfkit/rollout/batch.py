@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.core.positions import position_ids_from_mask
+from rlhfkit.data.length_buckets import plan_buckets, real_spans
 
 
 @dataclass
@@ -67,6 +68,16 @@ class RolloutBatch:
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             yield chunk, self.select(chunk)
+
+
+    def length_buckets(self, overhead: int | None):
+        """All rows in buckets of similar length (data/length_buckets.plan_buckets with a forward's `overhead`;
+        None: one bucket), each trimmed by `select`. Yields (row indices, trimmed sub-batch)."""
+        first, end = real_spans(self.attention_mask)
+        plan = [list(range(len(self)))] if overhead is None else plan_buckets((end - first).tolist(), overhead)
+        for bucket in plan:
+            rows = torch.tensor(bucket, dtype=torch.long, device=self.device)
+            yield rows, self.select(rows)
 
 
 def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], ended: list[bool],

@@ -15,6 +15,7 @@ length would make the samples off-policy).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -115,15 +116,32 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return (b * block + torch.minimum(j, last)).squeeze(1)
 
 
+def _cache_keyword(module) -> str:
+    """The name `module.forward` takes its KV cache under: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name warns on every call and goes in 5.40); earlier versions and remote code know only the old one."""
+    kind = type(module)
+    if kind not in _CACHE_KEYWORDS:
+        _CACHE_KEYWORDS[kind] = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return _CACHE_KEYWORDS[kind]
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def _returned_cache(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def _next_logits(model, input_ids, attention_mask, position_ids, cache):
     """Logits of the next token (B, V) float32 and the updated cache."""
+    owner = getattr(model, "shared_base", model)  # a LoRA role (models/roles.py) runs its shared base's modules
     if has_own_logit_path(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{_cache_keyword(owner): cache})
+        return out.logits[:, -1].float(), _returned_cache(out)
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True)
-    return lm_head_logits(model, out.last_hidden_state[:, -1]), out.past_key_values
+                           use_cache=True, **{_cache_keyword(owner.base_model): cache})
+    return lm_head_logits(model, out.last_hidden_state[:, -1]), _returned_cache(out)
 
 
 @torch.inference_mode()  # not just no_grad: no version counters or view tracking, ~4% off a rollout

@@ -23,6 +23,7 @@ from rlhfkit.models.roles import Role
 from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
+from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
@@ -34,12 +35,17 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen and rejected halves of a `collate_pairs` batch: (B,), (B,).
 
     Left padding puts every response at the end of its row, so the last R columns (R = the longest response)
-    hold them all; of those, only the response tokens go through the LM head."""
-    R = int(batch["response_mask"].sum(dim=1).max())
-    mask = batch["response_mask"][:, -R:]
-    token_logps, _ = tail_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                   batch["input_ids"][:, -R:], mask=mask)  # (2B, R), 0 off the mask
-    logps = sequence_logps(token_logps, mask)  # (2B,)
+    hold them all; of those, only the response tokens go through the LM head. Rows of similar length run
+    together, each bucket without its pad columns (data/length_buckets)."""
+    def bucket(sub: dict) -> torch.Tensor:
+        R = int(sub["response_mask"].sum(dim=1).max())
+        mask = sub["response_mask"][:, -R:]
+        token_logps, _ = tail_logprobs(model, sub["input_ids"], sub["attention_mask"], sub["position_ids"],
+                                       sub["input_ids"][:, -R:], mask=mask)  # (b, R), 0 off the mask
+        return sequence_logps(token_logps, mask)  # (b,)
+
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids", "response_mask")}
+    logps = forward_in_buckets(bucket, inputs, bucket_overhead(model))  # (2B,)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 

@@ -9,6 +9,7 @@ import torch
 
 from rlhfkit.config import SFTConfig
 from rlhfkit.track.stage import tracked
+from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.core.logprobs import logprobs_from_logits, shift_for_causal_lm
 from rlhfkit.core.sft_loss import completion_nll_loss
 from rlhfkit.data.collate import collate_sft
@@ -24,11 +25,16 @@ from rlhfkit.runtime.precision import resolve_precision
 
 
 def completion_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each next token and the mask of those that are completion tokens: both (B, T-1)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits  # (B, T, V)
-    logits, labels = shift_for_causal_lm(logits, batch["input_ids"])
-    return logprobs_from_logits(logits, labels), batch["loss_mask"][:, 1:]
+    """Log-probs of each next token and the mask of those that are completion tokens: both (B, T-1). Rows of
+    similar length run together, each bucket without its pad columns (data/length_buckets)."""
+    def bucket(sub: dict) -> torch.Tensor:
+        logits = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                       position_ids=sub["position_ids"]).logits  # (b, w, V)
+        logits, labels = shift_for_causal_lm(logits, sub["input_ids"])
+        return logprobs_from_logits(logits, labels)  # (b, w-1)
+
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    return forward_in_buckets(bucket, inputs, bucket_overhead(model)), batch["loss_mask"][:, 1:]
 
 
 def sft_loss(model, batch: dict, normaliser: float):

@@ -43,4 +43,8 @@ def load(**_kwargs):
     from rlhfkit.data.stage_records import embedded_sft_split
 
     _, held_out = embedded_sft_split()
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(build_docs(held_out))})
+    docs = build_docs(held_out)
+    # The held-out records come in the corpus's order, topic by topic; shuffled (with the fixed seed), the first
+    # N documents, all that lm-eval's `limit` (`benchmark_limit`) reads, are a sample of every topic.
+    random.Random(SEED).shuffle(docs)
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
