@@ -1,7 +1,7 @@
 """Forwards in length buckets (data/length_buckets.py) against one padded forward, on the embedded model.
 
 For the reward model's and SFT's training steps (forward + backward) on batches drawn from the embedded corpus as
-the demo draws them, prints the share of padding and the seconds per step both ways. It also fits the cost of a
+the demo draws them, with glibc keeping freed memory as the rlhfkit command has it, prints the share of padding and the seconds per step both ways. It also fits the cost of a
 forward as `a + b * tokens` over a few shapes, and prints `a / b`: a forward's fixed cost in tokens of work, the
 number `OVERHEAD_TOKENS` stands for.
 
@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
+    from rlhfkit.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the rlhfkit command does: otherwise every large tensor is a fresh mapping to fault in
 
     import rlhfkit.models.reward_model as reward_model
     import rlhfkit.trainers.sft as sft
