@@ -4,8 +4,9 @@ A batch is padded to its longest row, and a transformer's cost grows with the pa
 preference pairs (prompt + a response of 1 to 32 tokens) a batch of 32 rows is 41% padding, and an SFT batch of
 8 chatterbot replies about half. Sorting the rows by length and running each bucket of similar rows cropped to
 its own longest costs a forward per bucket; the buckets are chosen to minimise (rows x width) summed over buckets
-plus a fixed cost per forward. That saving is exact in value: a row's outputs do not depend on the pad columns (attention masks them out and position ids
-count real tokens only), only the matmuls' summation order changes (float rounding).
+plus a fixed cost per forward. That saving is exact in value: a row's outputs do not depend on the pad columns
+(attention masks them out and position ids count real tokens only), only the matmuls' summation order changes
+(float rounding).
 
 TRL's `padding_free` and `group_by_length` answer the same waste by packing or by reordering the data; buckets
 within a batch keep every batch (and so every step and every resume) as it was.
@@ -63,6 +64,16 @@ def real_spans(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return first, torch.maximum(end, first)
 
 
+def row_buckets(attention_mask: torch.Tensor,
+                overhead: int | None) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """`plan_buckets` over the rows' real spans (one bucket of all rows when `overhead` is None), and the spans'
+    first and end columns (`real_spans`)."""
+    first, end = real_spans(attention_mask)
+    B = attention_mask.shape[0]
+    buckets = [list(range(B))] if overhead is None or B < 2 else plan_buckets((end - first).tolist(), overhead)
+    return buckets, first, end
+
+
 def forward_in_buckets(fn: Callable[[dict], torch.Tensor], batch: dict, overhead: int | None) -> torch.Tensor:
     """`fn(batch)` computed bucket by bucket, each bucket's rows cropped to the columns any of them uses.
 
@@ -73,8 +84,7 @@ def forward_in_buckets(fn: Callable[[dict], torch.Tensor], batch: dict, overhead
     `overhead` None: one forward as given (FSDP, whose every forward gathers weights collectively)."""
     mask = batch["attention_mask"]
     B, T = mask.shape
-    first, end = real_spans(mask)
-    buckets = [list(range(B))] if overhead is None or B < 2 else plan_buckets((end - first).tolist(), overhead)
+    buckets, first, end = row_buckets(mask, overhead)
     if len(buckets) == 1:
         return fn(batch)
     parts, rows = [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.core.positions import last_token_index
+from rlhfkit.core.positions import last_token_index, position_ids_from_mask
 from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.errors import UserError
 from rlhfkit.models import lora
@@ -55,7 +55,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Scalar score per sequence. input_ids, attention_mask: (B, T) -> (B,) float32. Rows of similar length are
     scored together, each bucket without its pad columns (data/length_buckets)."""
     if position_ids is None:  # count real tokens only, so that cropping pad columns moves no position
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     return forward_in_buckets(lambda sub: _score(model, sub), batch, bucket_overhead(model))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.core.positions import position_ids_from_mask
-from rlhfkit.data.length_buckets import plan_buckets, real_spans
+from rlhfkit.data.length_buckets import row_buckets
 
 
 @dataclass
@@ -69,13 +69,10 @@ class RolloutBatch:
             chunk = rows[start:start + size]
             yield chunk, self.select(chunk)
 
-
     def length_buckets(self, overhead: int | None):
-        """All rows in buckets of similar length (data/length_buckets.plan_buckets with a forward's `overhead`;
+        """All rows in buckets of similar length (data/length_buckets.row_buckets with a forward's `overhead`;
         None: one bucket), each trimmed by `select`. Yields (row indices, trimmed sub-batch)."""
-        first, end = real_spans(self.attention_mask)
-        plan = [list(range(len(self)))] if overhead is None else plan_buckets((end - first).tolist(), overhead)
-        for bucket in plan:
+        for bucket in row_buckets(self.attention_mask, overhead)[0]:
             rows = torch.tensor(bucket, dtype=torch.long, device=self.device)
             yield rows, self.select(rows)
 

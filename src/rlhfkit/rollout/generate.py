@@ -15,6 +15,7 @@ length would make the samples off-policy).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,13 +120,12 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
 def _cache_keyword(module) -> str:
     """The name `module.forward` takes its KV cache under: transformers 5.x renamed `past_key_values` to `cache`
     (the old name warns on every call and goes in 5.40); earlier versions and remote code know only the old one."""
-    kind = type(module)
-    if kind not in _CACHE_KEYWORDS:
-        _CACHE_KEYWORDS[kind] = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-    return _CACHE_KEYWORDS[kind]
+    return _cache_keyword_of(type(module))
 
 
-_CACHE_KEYWORDS: dict[type, str] = {}
+@functools.cache
+def _cache_keyword_of(kind: type) -> str:
+    return "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
 
 
 def _returned_cache(out):
