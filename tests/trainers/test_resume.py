@@ -164,7 +164,10 @@ def test_a_signal_writes_a_checkpoint_stops_cleanly_and_resume_is_exact(tmp_path
 
     signum = getattr(signal, signame)
     data = STAGES["sft"][1](tmp_path)
-    common = dict(data=data, max_steps=6, save_every=4, batch_size=4, progress=False, keep_last_n=0)
+    # fp32 on both sides: the command line's tiny preset would resolve 'auto' to bf16 on a CPU with native bf16,
+    # while tiny_config runs fp32 (the straight run)
+    common = dict(data=data, max_steps=6, save_every=4, batch_size=4, progress=False, keep_last_n=0,
+                  mixed_precision="no")
     run_sft(tiny_config("sft", output_dir=tmp_path / "straight", **common))
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     argv = ["sft", "--preset", "tiny"] + [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
