@@ -143,7 +143,8 @@ EMBEDDED = {
     "ppo": {"rollout_batch_size": 16, "mini_batch_size": 8, "gradient_accumulation_steps": 1, "ppo_epochs": 1,
             "max_prompt_length": 64, "max_new_tokens": 32, "max_length": 128},
 }
-STEPS = {"sft": 3, "reward": 3, "dpo": 3, "grpo": 2, "ppo": 2}
+# Two steps: the second one runs with the optimizer state the first created (the peak of every later step).
+STEPS = {"sft": 2, "reward": 2, "dpo": 2, "grpo": 2, "ppo": 2}
 DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference", "grpo": "prompt", "ppo": "prompt"}
 
 
@@ -239,11 +240,13 @@ def ensure_reward_model(folder: Path, model: str, data: dict) -> str:
 
 
 def check(stage: str, model: str, lora: bool, work: Path, sizes: dict | None = None,
-          keep_freed_memory: bool = False, phases: bool = False) -> dict:
-    """Predict and measure one case."""
+          keep_freed_memory: bool = False, phases: bool = False, shared: Path | None = None) -> dict:
+    """Predict and measure one case; the stage writes under `work`, and the data and the reward model are made
+    once under `shared` (default: `work`) for every case that passes the same folder."""
     sizes = sizes or (TINY if model == "tiny" else EMBEDDED)
-    data = write_data(work / "data")
-    rm = ensure_reward_model(work, model, data) if stage in ("grpo", "ppo") else None
+    shared = shared or work
+    data = write_data(shared / "data")
+    rm = ensure_reward_model(shared, model, data) if stage in ("grpo", "ppo") else None
     flags = stage_flags(stage, model, data[DATA_KIND[stage]], str(work / f"out-{stage}-{model}-{int(lora)}"), sizes,
                         lora, rm)
     row = {"stage": stage, "model": model, "lora": lora, **predict(stage, flags),

@@ -33,13 +33,19 @@ def lora_available() -> bool:
     return "lora_r" in SFTConfig.__dataclass_fields__
 
 
+@pytest.fixture(scope="session")
+def shared_inputs(tmp_path_factory):
+    """The data files and the reward model, made once per pytest worker for all cases."""
+    return tmp_path_factory.mktemp("plan-inputs")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "ppo"])
-def test_predicted_peak_within_15_percent_of_measured(stage, lora, tmp_path):
+def test_predicted_peak_within_15_percent_of_measured(stage, lora, tmp_path, shared_inputs):
     if lora and not lora_available():
         pytest.skip("no LoRA settings in this config.py")
-    row = load_bench().check(stage, "tiny", lora, tmp_path)
+    row = load_bench().check(stage, "tiny", lora, tmp_path, shared=shared_inputs)
     assert row["measured"] > 400 * 2**20, "the case no longer measures mostly the model's own tensors"
     assert abs(row["error"]) <= 0.15, (f"{stage} ({'lora' if lora else 'full'}): predicted "
                                        f"{row['predicted'] / 2**20:.0f} MiB, measured {row['measured'] / 2**20:.0f} "

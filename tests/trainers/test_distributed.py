@@ -114,18 +114,52 @@ def _assert_same(one: dict, two: dict, rows1: list, rows2: list, keys: tuple[str
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
+# One SFT run per layout serves every SFT test below (a module fixture, and `xdist_group` keeps those tests on one
+# pytest worker so that it runs once): 21 examples in micro-batches of 4 with 2 accumulated, so the last
+# micro-batch of an epoch has one example and one process's share is empty; 4 steps, checkpointed at 2 and 4.
+SFT_LAYOUTS = {"1": (1, None, []), "2": (2, "torchrun", []), "2-accelerate": (2, "accelerate", []),
+               "2-fsdp": (2, "torchrun", ["--distributed", "fsdp"])}
+SFT_TESTS = pytest.mark.xdist_group("sft-layouts")
+
+
+def _sft_settings(data) -> list[str]:
+    return ["sft", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(data),
+            "--eval-fraction", "0", "--max-samples", "0", "--batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--max-steps", "4", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """layout -> (output folder of the uninterrupted run on that layout, its settings), each run on first use."""
+    root = tmp_path_factory.mktemp("sft-layouts")
+    data = write_jsonl(root / "sft.jsonl", [{"prompt": f"Say {w} {i}", "completion": f"{w} number {i}."}
+                                            for i, w in enumerate("abcdefghijklmnopqrstu")])
+    done_runs = {}
+
+    def run(layout: str):
+        if layout not in done_runs:
+            n, launcher, extra = SFT_LAYOUTS[layout]
+            out = root / layout
+            done = _run([*_sft_settings(data), *extra, "--output-dir", str(out)], n, root, launcher=launcher)
+            assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            assert done.stdout.count("device: ") == n  # every process chose its device: n really ran
+            done_runs[layout] = out
+        return done_runs[layout], _sft_settings(data)
+    return run
+
+
+def _rows(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_sft_on_two_processes_takes_the_steps_of_one_under_torchrun_and_accelerate(tmp_path):
-    # 21 examples in micro-batches of 4: the last of an epoch has one example, so one process's share is empty.
-    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Say {w} {i}", "completion": f"{w} number {i}."}
-                                                for i, w in enumerate("abcdefghijklmnopqrstu")])
-    (one, rows1), *others = _same_run_on_one_and_two(
-        "sft", ["--data", str(data), "--eval-fraction", "0", "--max-samples", "0", "--batch-size", "4",
-                "--gradient-accumulation-steps", "2", "--max-steps", "4", "--save-every", "0"], tmp_path,
-        launchers=("torchrun", "accelerate", "torchrun-fsdp"))
-    assert rows1[-1]["epoch"] > 1.0  # the empty share was met
-    for two, rows2 in others:
-        _assert_same(one, two, rows1, rows2, ("loss", "grad_norm", "sft/nll"))
+@SFT_TESTS
+def test_sft_on_two_processes_takes_the_steps_of_one_under_torchrun_and_accelerate(sft_run):
+    one, _ = sft_run("1")
+    assert _rows(one)[-1]["epoch"] > 1.0  # the empty share was met
+    for layout in ("2", "2-accelerate", "2-fsdp"):
+        two, _ = sft_run(layout)
+        _assert_same(_weights(one), _weights(two), _rows(one), _rows(two), ("loss", "grad_norm", "sft/nll"))
 
 
 @pytest.mark.slow
@@ -147,37 +181,28 @@ def test_the_demo_refuses_to_run_under_a_launcher(tmp_path):
     assert "rlhfkit demo: error: demo runs in one process (2 were launched); run it without torchrun" in done.stderr
 
 
-def _launch(layout: str) -> tuple[int, list[str]]:
-    """'1', '2' (DDP) or '2-fsdp': (processes, extra settings)."""
-    return int(layout[0]), (["--distributed", "fsdp"] if layout.endswith("fsdp") else [])
-
-
 @pytest.mark.slow
+@SFT_TESTS
 @pytest.mark.parametrize("first,then", [("1", "2"), ("2", "1"), ("2-fsdp", "2-fsdp"), ("2-fsdp", "1")])
-def test_sft_resumes_on_another_number_of_processes(tmp_path, first, then):
+def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, then):
     """DDP: the main process writes full checkpoints (every process holds the same state). FSDP: every process
     writes its shards with torch.distributed.checkpoint, which reads them back into any layout. The batch order
     is global, so a run checkpointed by `first` continues on `then` as if never interrupted: within rounding
     of the uninterrupted one-process run, and bit for bit that of an uninterrupted run on the same layout."""
-    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Tell {w}", "completion": f"{w} {w}."} for w in "abcdefghijk"])
-    settings = ["sft", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(data),
-                "--eval-fraction", "0", "--batch-size", "4", "--max-steps", "4", "--save-every", "2"]
-    whole, cut, same = tmp_path / "whole", tmp_path / "cut", tmp_path / "same"
-    assert _run([*settings, "--output-dir", str(whole)], 1, tmp_path).returncode == 0
-    n, extra = _launch(first)
-    assert _run([*settings, *extra, "--output-dir", str(cut)], n, tmp_path).returncode == 0
+    whole, _ = sft_run("1")
+    uninterrupted, settings = sft_run(first)
+    cut = tmp_path / "cut"
+    shutil.copytree(uninterrupted, cut)
     assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == first.endswith("fsdp")
     shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
-    n, extra = _launch(then)
-    done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, tmp_path)
+    n, launcher, extra = SFT_LAYOUTS[then]
+    done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, tmp_path, launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout and f"{cut / 'checkpoints' / 'step-2'}" in done.stdout
-    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    _assert_same(_weights(whole), _weights(cut), [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()],
-                 rows, ("loss", "grad_norm", "sft/nll"))
+    assert [r["step"] for r in _rows(cut)] == [1, 2, 3, 4]
+    _assert_same(_weights(whole), _weights(cut), _rows(whole), _rows(cut), ("loss", "grad_norm", "sft/nll"))
     if first == then:
-        assert _run([*settings, *extra, "--output-dir", str(same)], n, tmp_path).returncode == 0
-        reference = _weights(same)
+        reference = _weights(uninterrupted)
         assert all(torch.equal(reference[name], tensor) for name, tensor in _weights(cut).items())
 
 
@@ -219,25 +244,47 @@ def _samples(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
 
 
+# One PPO run on each number of processes serves both PPO tests below (as the SFT runs above): 6 prompts per
+# iteration, mini-batches of 3, 4 iterations checkpointed at 2 and 4, samples and gold scores at every one.
+PPO_TESTS = pytest.mark.xdist_group("ppo-runs")
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """n processes -> (output folder of the uninterrupted run, its settings, the root its data lies in)."""
+    root = tmp_path_factory.mktemp("ppo-runs")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
+    rm = save_random_reward_model(root / "rm")
+    settings = ["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(prompts),
+                "--reward-model", str(rm), "--rollout-batch-size", "6", "--mini-batch-size", "3", "--max-steps", "4",
+                "--save-every", "2", "--sample-every", "1", "--gold-scorer", "tests.trainers.rewards:positional"]
+    done_runs = {}
+
+    def run(n: int):
+        if n not in done_runs:
+            out = root / f"ppo-{n}"
+            done = _run([*settings, "--output-dir", str(out)], n, root)
+            assert done.returncode == 0, f"{n} process(es): {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            assert done.stdout.count("device: ") == n
+            done_runs[n] = out
+        return done_runs[n], settings, root
+    return run
+
+
 @pytest.mark.slow
-def test_ppo_on_two_processes_samples_and_steps_as_one(tmp_path):
+@PPO_TESTS
+def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run):
     """6 prompts per iteration: each process samples and scores 3, seeded by their global index, so the
     responses are the very ones one process samples; GAE, whitening and the KL run on the gathered batch, and
     the mini-batches of 3 split 2 + 1 over the processes. Policy and critic end where one process ends them."""
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
-    rm = save_random_reward_model(tmp_path / "rm")
-    folders = []
-    (one, rows1), (two, rows2) = _same_run_on_one_and_two(
-        "ppo", ["--data", str(prompts), "--reward-model", str(rm), "--rollout-batch-size", "6",
-                "--mini-batch-size", "3", "--max-steps", "3", "--save-every", "0", "--sample-every", "1",
-                "--gold-scorer", "tests.trainers.rewards:positional"], tmp_path, folders=folders)
-    _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "objective/gold", "loss/policy",
-                                          "loss/value", "grad_norm/policy", "grad_norm/critic",
-                                          "ppo/explained_variance", "response/length_mean"))
-    _assert_same(_weights(folders[0] / "critic"), _weights(folders[1] / "critic"), [], [], (),
-                 heads_rtol=1e-3)
-    first, second = _samples(folders[0]), _samples(folders[1])
-    assert [s["response"] for s in first] == [s["response"] for s in second] and len(first) == 12
+    (one, *_), (two, *_) = ppo_run(1), ppo_run(2)
+    rows1, rows2 = _rows(one), _rows(two)
+    _assert_same(_weights(one), _weights(two), rows1, rows2, (
+        "objective/scores", "objective/kl", "objective/gold", "loss/policy", "loss/value", "grad_norm/policy",
+        "grad_norm/critic", "ppo/explained_variance", "response/length_mean"))
+    _assert_same(_weights(one / "critic"), _weights(two / "critic"), [], [], (), heads_rtol=1e-3)
+    first, second = _samples(one), _samples(two)
+    assert [s["response"] for s in first] == [s["response"] for s in second] and len(first) == 16
     assert [s["score"] for s in second] == pytest.approx([s["score"] for s in first], rel=1e-4, abs=1e-5)
     assert rows1[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and abs(rows1[-1]["objective/kl"]) > 1e-4  # the policy moved
 
@@ -320,26 +367,21 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_the_job_and_resume_loses_nothing(tmp_path):
+@PPO_TESTS
+def test_a_killed_process_stops_the_job_and_resume_loses_nothing(ppo_run, tmp_path):
     """SIGKILL of one of two PPO processes after the step-2 checkpoint: torchrun tears the whole job down,
-    and `--resume` on two processes ends bit for bit where an uninterrupted two-process run ends."""
+    and `--resume` on two processes ends bit for bit where an uninterrupted two-process run ends, with the
+    same samples."""
     from rlhfkit.runtime.checkpoint import checkpoint_problem, list_checkpoints
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
-    rm = save_random_reward_model(tmp_path / "rm")
-    settings = ["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(prompts),
-                "--reward-model", str(rm), "--rollout-batch-size", "6", "--mini-batch-size", "3", "--max-steps", "8",
-                "--save-every", "2", "--sample-every", "0"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    done = _run([*settings, "--output-dir", str(whole)], 2, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    whole, settings, root = ppo_run(2)
+    cut = tmp_path / "cut"
     marker = f"RLHFKIT_TEST_RUN={cut}"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RLHFKIT_DIST_TIMEOUT_S="120",
-               RLHFKIT_TEST_RUN=str(cut), PYTHONPATH=root)
+               RLHFKIT_TEST_RUN=str(cut), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(
+                   os.path.abspath(__file__)))))
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            "-m", "rlhfkit", *settings, "--output-dir", str(cut)], cwd=tmp_path, env=env,
+                            "-m", "rlhfkit", *settings, "--output-dir", str(cut)], cwd=root, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     try:
@@ -358,17 +400,16 @@ def test_a_killed_process_stops_the_job_and_resume_loses_nothing(tmp_path):
     assert killed is not None, "the job ended before it could be killed"
     assert job.returncode != 0 and "Signal 9 (SIGKILL)" in output, output[-3000:]
     assert not (cut / "model.safetensors").exists()  # the job stopped before the end
-    done = _run([*settings, "--output-dir", str(cut), "--resume", "true"], 2, tmp_path)
+    done = _run([*settings, "--output-dir", str(cut), "--resume", "true"], 2, root)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed_from = int(done.stdout.split("resuming from ")[1].split("step-")[1].split()[0])
-    assert 2 <= resumed_from < 8
+    assert f"resuming from {cut / 'checkpoints' / 'step-2'} " in done.stdout
     one, two = _weights(whole), _weights(cut)
     assert all(torch.equal(one[name], two[name]) for name in one)
     assert all(torch.equal(a, b) for a, b in zip(_weights(whole / "critic").values(), _weights(cut / "critic").values()))
-    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    reference = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
-    assert [r["objective/scores"] for r in rows] == [r["objective/scores"] for r in reference]
+    rows = _rows(cut)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["objective/scores"] for r in rows] == [r["objective/scores"] for r in _rows(whole)]
+    assert [s["response"] for s in _samples(cut)] == [s["response"] for s in _samples(whole)]
 
 
 @pytest.mark.slow
