@@ -40,23 +40,58 @@ def test_config_choices_name_the_core_functions():
     assert set(ADVANTAGES) == set(GROUP_ADVANTAGES) and set(LOSS_AGGREGATIONS) == set(CORE_AGGREGATIONS)
 
 
-def test_grpo_learns_a_verifiable_reward_function(tmp_path, prompts):
-    """The share of 'aligned' tokens (tests/trainers/rewards.py) starts near 0.5 and GRPO raises it, on every seed.
+def test_one_grpo_update_moves_log_probability_towards_the_completions_with_positive_advantage(
+        tmp_path, monkeypatch, prompts):
+    """The mechanism, free of any curve: one on-policy update (one mini-batch, lr 1e-4) raises the surrogate
+    sum_i A_i * sum_t log pi(y_it) / N of the very batch it was computed on. AdamW's first step moves each weight by
+    lr * sign(its gradient), so to first order the surrogate rises by lr * sum |gradient|; the second-order
+    term is lr^2 * curvature, about 1e-4 of that here. The completions with a positive advantage gain log-
+    probability against those with a negative one."""
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.rollout.scoring import response_logprobs
 
-    How fast is chaotic at lr 0.1: the same seed follows another path on a CPU whose kernels round differently
-    (AVX2 against AVX-512). Over seeds 0-2, 10 iterations of 4 prompts x 4 samples: on an AVX-512 CPU all three
-    reached 1.0 (every completion all aligned) by iteration 5-6; on an AVX2 CPU the first 3 iterations averaged
-    0.51-0.55 and the last 3 0.66, 1.00 and 1.00 (seeds 3 and 4: 0.93, 0.95). So the test asks, over three seeds,
-    for a rise on each and a mean rise of more than 0.25, not for one seed's curve."""
+    seen = []
+    real = grpo_module.GroupRL.advantages
+
+    def recording(self, exp):
+        metrics = real(self, exp)
+        seen.append(exp)
+        return metrics
+
+    monkeypatch.setattr(grpo_module.GroupRL, "advantages", recording)
+    out = tmp_path / "one-step"
+    run_grpo(tiny_config("grpo", data=prompts, reward_function=ALIGNED, output_dir=out, progress=False,
+                         max_steps=1, learning_rate=1e-4, save_every=0, sample_every=0, seed=0))
+    (exp,) = seen
+    mask = exp.mask
+    with torch.no_grad():
+        before, after = (response_logprobs(load_causal_lm(folder).eval(), exp.batch)[0]
+                         for folder in (resolve_model_path("tiny"), out))
+    assert (exp.advantages > 0).any() and (exp.advantages < 0).any()
+    gain = ((after - before) * mask).sum(1)  # (B,) the change of each completion's log-probability
+    surrogate_rise = float((exp.advantages * gain).sum() / mask.sum())
+    assert surrogate_rise > 0, surrogate_rise
+    assert gain[exp.advantages > 0].mean() > gain[exp.advantages < 0].mean()
+
+
+def test_grpo_learns_a_verifiable_reward_function_over_seeds(tmp_path, prompts):
+    """The share of 'aligned' tokens (tests/trainers/rewards.py) starts near 0.5 and GRPO raises it, on average
+    over six seeds.
+
+    At lr 0.1 a run either takes off, reaching 1.0 (every completion all aligned) within 10 iterations of 4
+    prompts x 4 samples, or wanders near 0.5; which one a seed does is chaotic: the same seed follows another
+    path on a CPU whose kernels round differently (AVX2 against AVX-512). Measured rises (mean of the last 3
+    iterations less the first 3): AVX-512, seeds 0-2 all about +0.45; AVX2 (AMD EPYC), seeds 0-5: -0.10, +0.05,
+    +0.49, +0.35, +0.42, +0.45 (mean +0.28). The test asks for a mean rise over the six seeds of more than 0.15:
+    at least two seeds in six taking off, where four to six do."""
     rises = []
-    for seed in range(3):
+    for seed in range(6):
         out = tmp_path / f"grpo-{seed}"
         run_grpo(tiny_config("grpo", data=prompts, reward_function=ALIGNED, output_dir=out, progress=False,
                              max_steps=10, learning_rate=0.1, save_every=0, sample_every=0, seed=seed))
         scores = [r["objective/scores"] for r in read_metrics(out / "metrics.jsonl")]
         rises.append(sum(scores[-3:]) / 3 - sum(scores[:3]) / 3)
-        assert rises[-1] > 0, (seed, scores)
-    assert sum(rises) / 3 > 0.25, rises
+    assert sum(rises) / len(rises) > 0.15, rises
 
 
 def test_rloo_advantages_are_leave_one_out_of_the_kl_penalised_rewards(tmp_path, monkeypatch, prompts):
