@@ -82,8 +82,9 @@ class OptimizerConfig:
     distributed: str = opt("ddp", "Under torchrun or accelerate launch: 'ddp' (every process holds the whole models "
                            "and gradients are summed) or 'fsdp' (FSDP2: each decoder layer's weights, gradients "
                            "and optimizer state sharded over the processes, gathered layer by layer; checkpoints "
-                           "written sharded by torch.distributed.checkpoint; sft, reward and dpo). Ignored in one "
-                           "process.", choices=("ddp", "fsdp"))
+                           "written sharded by torch.distributed.checkpoint; PPO, GRPO and RLOO gather the trained "
+                           "models whole once per rollout, and keep the reference and reward model whole in each "
+                           "process). Ignored in one process.", choices=("ddp", "fsdp"))
 
 
 @dataclass

@@ -47,6 +47,31 @@ def test_shares_split_a_global_batch_and_one_process_is_the_identity(monkeypatch
         one_process_only("pipeline")
 
 
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_each_process_runs_as_many_micro_batches_as_the_busiest_under_fsdp(lockstep):
+    """A mini-batch of 5 rows over 2 processes in micro-batches of 2: process 0 holds 3 rows (2 micro-batches),
+    process 1 holds 2 (1). Under FSDP (lockstep) process 1 adds one stand-in, whose loss counts zero, so both
+    run the same forwards and backwards; under DDP it runs only its own."""
+    from types import SimpleNamespace
+
+    from rlhfkit.rollout.batch import build_rollout_batch
+    from rlhfkit.rollout.experience import Experience
+    from rlhfkit.trainers.rl_loop import my_micro_batches
+
+    batch = build_rollout_batch([[1, 2]] * 6, [[3] * (i + 1) for i in range(6)], [True] * 6, 0)
+    exp = Experience(batch, [{}] * 6, [""] * 6, scores=torch.zeros(6))
+    algo = SimpleNamespace(parallel=SimpleNamespace(lockstep=lockstep), scaler=SimpleNamespace(backward=None))
+    rows = torch.tensor([5, 0, 3, 1, 4])
+    made = {rank: my_micro_batches(exp, rows, 2, torch.tensor(9.0), algo, Processes(rank=rank, world=2))
+            for rank in (0, 1)}
+    real = {rank: [mb.idx.tolist() for mb in mbs if mb.counts] for rank, mbs in made.items()}
+    assert sorted(sum(real[0] + real[1], [])) == [0, 1, 3, 4, 5]  # every row once, in some process's share
+    assert real == {0: [[3, 4], [5]], 1: [[0, 1]]}  # every other row (5, 3, 4 | 0, 1), shortest first
+    assert len(made[0]) == 2 and len(made[1]) == (2 if lockstep else 1)
+    if lockstep:
+        assert not made[1][1].counts and made[1][1].idx.tolist() == [5]  # the mini-batch's first row
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -114,11 +139,13 @@ def _assert_same(one: dict, two: dict, rows1: list, rows2: list, keys: tuple[str
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
+# Layouts: name -> (processes, launcher, extra settings).
+LAYOUTS = {"1": (1, None, []), "2": (2, "torchrun", []), "2-accelerate": (2, "accelerate", []),
+           "2-fsdp": (2, "torchrun", ["--distributed", "fsdp"])}
+
 # One SFT run per layout serves every SFT test below (a module fixture, and `xdist_group` keeps those tests on one
 # pytest worker so that it runs once): 21 examples in micro-batches of 4 with 2 accumulated, so the last
 # micro-batch of an epoch has one example and one process's share is empty; 4 steps, checkpointed at 2 and 4.
-SFT_LAYOUTS = {"1": (1, None, []), "2": (2, "torchrun", []), "2-accelerate": (2, "accelerate", []),
-               "2-fsdp": (2, "torchrun", ["--distributed", "fsdp"])}
 SFT_TESTS = pytest.mark.xdist_group("sft-layouts")
 
 
@@ -138,7 +165,7 @@ def sft_run(tmp_path_factory):
 
     def run(layout: str):
         if layout not in done_runs:
-            n, launcher, extra = SFT_LAYOUTS[layout]
+            n, launcher, extra = LAYOUTS[layout]
             out = root / layout
             done = _run([*_sft_settings(data), *extra, "--output-dir", str(out)], n, root, launcher=launcher)
             assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
@@ -195,7 +222,7 @@ def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, th
     shutil.copytree(uninterrupted, cut)
     assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == first.endswith("fsdp")
     shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
-    n, launcher, extra = SFT_LAYOUTS[then]
+    n, launcher, extra = LAYOUTS[then]
     done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, tmp_path, launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout and f"{cut / 'checkpoints' / 'step-2'}" in done.stdout
@@ -244,14 +271,15 @@ def _samples(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
 
 
-# One PPO run on each number of processes serves both PPO tests below (as the SFT runs above): 6 prompts per
-# iteration, mini-batches of 3, 4 iterations checkpointed at 2 and 4, samples and gold scores at every one.
+# One PPO run on each layout serves the PPO tests below (as the SFT runs above): 6 prompts per iteration,
+# mini-batches of 3, 4 iterations checkpointed at 2 and 4, samples and gold scores at every one.
 PPO_TESTS = pytest.mark.xdist_group("ppo-runs")
 
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
-    """n processes -> (output folder of the uninterrupted run, its settings, the root its data lies in)."""
+    """layout ("1", "2", "2-fsdp") -> (output folder of the uninterrupted run, its settings, the root its data
+    lies in)."""
     root = tmp_path_factory.mktemp("ppo-runs")
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
     rm = save_random_reward_model(root / "rm")
@@ -260,24 +288,29 @@ def ppo_run(tmp_path_factory):
                 "--save-every", "2", "--sample-every", "1", "--gold-scorer", "tests.trainers.rewards:positional"]
     done_runs = {}
 
-    def run(n: int):
-        if n not in done_runs:
-            out = root / f"ppo-{n}"
-            done = _run([*settings, "--output-dir", str(out)], n, root)
-            assert done.returncode == 0, f"{n} process(es): {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    def run(layout: str):
+        if layout not in done_runs:
+            n, _, extra = LAYOUTS[layout]
+            out = root / f"ppo-{layout}"
+            done = _run([*settings, *extra, "--output-dir", str(out)], n, root)
+            assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
             assert done.stdout.count("device: ") == n
-            done_runs[n] = out
-        return done_runs[n], settings, root
+            done_runs[layout] = out
+        return done_runs[layout], settings, root
     return run
 
 
 @pytest.mark.slow
 @PPO_TESTS
-def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run):
+@pytest.mark.parametrize("layout", ["2", "2-fsdp"])
+def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     """6 prompts per iteration: each process samples and scores 3, seeded by their global index, so the
     responses are the very ones one process samples; GAE, whitening and the KL run on the gathered batch, and
-    the mini-batches of 3 split 2 + 1 over the processes. Policy and critic end where one process ends them."""
-    (one, *_), (two, *_) = ppo_run(1), ppo_run(2)
+    the mini-batches of 3 split 2 + 1 over the processes. Policy and critic end where one process ends them.
+    Under FSDP each rollout samples and scores with the policy and critic gathered whole (each process's
+    responses end at their own lengths), and the process with one row of a mini-batch fewer takes part with
+    a stand-in."""
+    (one, *_), (two, *_) = ppo_run("1"), ppo_run(layout)
     rows1, rows2 = _rows(one), _rows(two)
     _assert_same(_weights(one), _weights(two), rows1, rows2, (
         "objective/scores", "objective/kl", "objective/gold", "loss/policy", "loss/value", "grad_norm/policy",
@@ -294,20 +327,25 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
     """GRPO: 3 prompts x 2 samples, so one process holds 2 groups and the other 1 (a group never straddles
     processes), and the group statistics are logged. RLOO: 1 prompt per step, so the second process has no
     share at all (it samples nothing, and takes part with zero gradients), and mini-batches of 1 leave one
-    process idle in every optimizer step; it must neither hang nor change the step."""
+    process idle in every optimizer step; it must neither hang nor change the step. Both again under FSDP,
+    where the idle process still enters each rollout's gather and runs a stand-in micro-batch (timeout: 600 s
+    per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective)."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}", "item": i}
                                                        for i in range(12)])
     common = ["--data", str(prompts), "--reward-function", "tests.trainers.rewards:aligned_tokens",
               "--max-steps", "3", "--save-every", "0", "--learning-rate", "1e-3", "--beta", "0.05"]
-    (one, rows1), (two, rows2) = _same_run_on_one_and_two(
+    (one, rows1), *others = _same_run_on_one_and_two(
         "grpo", [*common, "--prompts-per-step", "3", "--num-generations", "2", "--mini-batch-size", "6",
-                 "--num-iterations", "2"], tmp_path)
-    _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "grpo/reward_mean",
-                                          "grpo/reward_std_within_group", "grpo/frac_zero_std_groups",
-                                          "loss/policy", "grad_norm/policy", "ppo/approx_kl"))
-    (one, rows1), (two, rows2) = _same_run_on_one_and_two(
-        "rloo", [*common, "--prompts-per-step", "1", "--num-generations", "4", "--mini-batch-size", "1"], tmp_path)
-    _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "loss/policy", "grad_norm/policy"))
+                 "--num-iterations", "2"], tmp_path, launchers=("torchrun", "torchrun-fsdp"))
+    for two, rows2 in others:
+        _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "grpo/reward_mean",
+                                              "grpo/reward_std_within_group", "grpo/frac_zero_std_groups",
+                                              "loss/policy", "grad_norm/policy", "ppo/approx_kl"))
+    (one, rows1), *others = _same_run_on_one_and_two(
+        "rloo", [*common, "--prompts-per-step", "1", "--num-generations", "4", "--mini-batch-size", "1"], tmp_path,
+        launchers=("torchrun", "torchrun-fsdp"))
+    for two, rows2 in others:
+        _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "loss/policy", "grad_norm/policy"))
 
 
 @pytest.mark.slow
@@ -352,6 +390,37 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
     assert [r["proxy"] for r in rows[1]] == pytest.approx([r["proxy"] for r in rows[0]], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+@PPO_TESTS
+@pytest.mark.parametrize("then", ["2-fsdp", "1"])
+def test_ppo_resumes_from_a_sharded_checkpoint(ppo_run, tmp_path, then):
+    """An FSDP run's checkpoint holds policy, critic and both optimizers sharded (torch.distributed.checkpoint):
+    resumed on the same layout it ends bit for bit where the uninterrupted run ends, with the same samples; on
+    one process, within rounding of it."""
+    uninterrupted, settings, root = ppo_run("2-fsdp")
+    cut = tmp_path / "cut"
+    shutil.copytree(uninterrupted, cut)
+    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir()
+    shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
+    n, _, extra = LAYOUTS[then]
+    done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {cut / 'checkpoints' / 'step-2'} " in done.stdout
+    assert [r["step"] for r in _rows(cut)] == [1, 2, 3, 4]
+    if then == "2-fsdp":
+        for folder in (".", "critic"):
+            whole, resumed = _weights(uninterrupted / folder), _weights(cut / folder)
+            assert all(torch.equal(whole[name], resumed[name]) for name in whole), folder
+        assert [s["response"] for s in _samples(cut)] == [s["response"] for s in _samples(uninterrupted)]
+    else:
+        _assert_same(_weights(uninterrupted), _weights(cut), _rows(uninterrupted), _rows(cut),
+                     ("objective/scores", "loss/policy", "loss/value"))
+        # The KL is a mean of sums of log-prob differences near 0.002 here: each log-prob (about -11 for a
+        # 49k vocabulary) carries float32 rounding of about 1e-6, and a response sums up to 16 of them.
+        for a, b in zip(_rows(uninterrupted), _rows(cut)):
+            assert b["objective/kl"] == pytest.approx(a["objective/kl"], abs=2e-5), a["step"]
+
+
 def _rank_pid(marker: str, rank: int) -> int | None:
     """The pid of the launched process with this rank whose environment carries `marker`."""
     for entry in os.listdir("/proc"):
@@ -374,7 +443,7 @@ def test_a_killed_process_stops_the_job_and_resume_loses_nothing(ppo_run, tmp_pa
     same samples."""
     from rlhfkit.runtime.checkpoint import checkpoint_problem, list_checkpoints
 
-    whole, settings, root = ppo_run(2)
+    whole, settings, root = ppo_run("2")
     cut = tmp_path / "cut"
     marker = f"RLHFKIT_TEST_RUN={cut}"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RLHFKIT_DIST_TIMEOUT_S="120",
@@ -431,3 +500,31 @@ def test_lora_sft_under_fsdp_trains_the_adapter_one_process_trains(tmp_path):
     for name in one:
         assert (one[name] - two[name]).norm() <= 1e-4 * one[name].norm(), name
     assert not (outs[1] / "model.safetensors").exists()  # the adapter only, as with one process
+
+
+@pytest.mark.slow
+def test_lora_ppo_under_fsdp_trains_the_adapters_one_process_trains(tmp_path):
+    """LoRA PPO: one base carries the policy and critic adapters (and is the reference with them off); under
+    FSDP that base is sharded once, and the critic's value head, which lives outside it, is averaged over the
+    processes by hand. Both adapters and the head end where one process ends them (measured: at most 2e-5
+    apart relative to each tensor, the policy adapters' B matrices, which start at zero)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
+    rm = save_random_reward_model(tmp_path / "rm")
+    outs = []
+    for layout in ("1", "2-fsdp"):
+        n, _, extra = LAYOUTS[layout]
+        outs.append(tmp_path / f"lora-{layout}")
+        done = _run(["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data",
+                     str(prompts), "--reward-model", str(rm), "--rollout-batch-size", "6", "--mini-batch-size", "3",
+                     "--max-steps", "3", "--save-every", "0", "--lora-r", "4", "--learning-rate", "1e-2",
+                     "--output-dir", str(outs[-1]), *extra], n, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name, count in (("adapter_model.safetensors", 28), ("critic/adapter_model.safetensors", 28),
+                        ("critic/value_head.safetensors", 1)):
+        one, two = (load_file(str(out / name)) for out in outs)
+        assert one.keys() == two.keys() and len(one) == count, name
+        for key in one:
+            assert (one[key] - two[key]).norm() <= 1e-3 * one[key].norm(), (name, key)
+    first, second = (_rows(out) for out in outs)
+    assert [r["objective/scores"] for r in second] == pytest.approx([r["objective/scores"] for r in first], rel=1e-5)
+    assert not (outs[1] / "model.safetensors").exists()  # adapters only, as with one process

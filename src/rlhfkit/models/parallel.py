@@ -8,6 +8,11 @@ FSDP2 wraps the same module as its root: each decoder layer is sharded on its ow
 forward and backward, freed after), and the weights outside the layers (embeddings, final norm, heads) are the
 root's, gathered when the loss starts.
 
+The RL update (PPO, GRPO, RLOO) reaches its trained roles through `TrainedRoles`: with DDP every process holds
+whole models and the gradients are summed after the backward passes (`sum_gradients`); with FSDP each role's
+base is sharded once, a loss runs through its root, and a rollout holds the bases whole (`gathered_whole`), so
+that generation, whose processes run different numbers of forwards, needs no collective per token.
+
 DDP and FSDP average gradients over processes. rlhfkit's losses are already normalised by the global count of
 their units (tokens, pairs: `sum_across`), so the average is undone by scaling each process's loss by the number
 of processes: the gradient is then the sum over processes, the one-process gradient of the whole batch.
@@ -56,6 +61,64 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
         if type(module).__name__ in layers:
             fully_shard(module, mesh=mesh)
     return fully_shard(LossForward(model), mesh=mesh)
+
+
+def whole_state_dict(model: torch.nn.Module) -> dict:
+    """A sharded model's whole weights, on the CPU of the main process (the other processes get an empty dict;
+    every process must call it). FSDP's state_dict always gives shards, even while the weights are gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:  # a tied weight (lm_head = embed_tokens) is written once, as HF writes it
+            whole.pop(name, None)
+        first.add(id(param))
+    return whole
+
+
+def start_root(root: torch.nn.Module) -> None:
+    """A no-op forward through a new FSDP root (every process: it gathers the root's weights): FSDP settles
+    which module is the root on the first forward, which must pass through the root before any inner module is
+    called on its own (a rollout calls the model, not the root)."""
+    with torch.no_grad():
+        root(lambda model: None)
+    root.reshard()  # the root keeps its own weights gathered after a forward: shard them (an optimizer built
+    # next must see the sharded parameters)
+
+
+@contextlib.contextmanager
+def gathered_whole(roots: list[torch.nn.Module]):
+    """Every weight under these FSDP roots whole in every process, for no-grad forwards that each process runs
+    on its own (a rollout: generation ends when a process's own rows end, a process may have no rows at all).
+
+    One all-gather per sharded unit on entry (every process must enter, roots in the same order); inside, no
+    unit reshards after its forward, so forwards gather nothing and need no peer. On exit every unit is
+    sharded again and FSDP's per-iteration bookkeeping (the order of the forwards it recorded, for prefetching
+    in the next backward) is cleared with `reset_iter_state`, so the update's first backward prefetches only
+    what its own forward ran. The roots must have run a forward (`start_root`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for root in roots for m in root.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if all(m is not root for root in roots)]
+    for unit in inner:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.reset_iter_state()
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def fsdp_rollouts_supported() -> bool:
+    """`gathered_whole` needs FSDPModule.reset_iter_state (torch 2.13)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return hasattr(FSDPModule, "reset_iter_state")
 
 
 class GradientSum:
@@ -113,17 +176,7 @@ class GradientSum:
     def full_state_dict(self) -> dict | None:
         """FSDP: the model's whole weights, on the CPU of the main process (the other processes get an empty
         dict; every process must call it). None without FSDP: the model holds its whole weights itself."""
-        if self.fsdp is None:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        first: set[int] = set()
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if id(param) in first:  # a tied weight (lm_head = embed_tokens) is written once, as HF writes it
-                whole.pop(name, None)
-            first.add(id(param))
-        return whole
+        return whole_state_dict(self.model) if self.fsdp is not None else None
 
     def loss(self, fn: Callable, *args):
         """(loss to log, loss to backpropagate, metrics) of `fn(model, *args)`."""
@@ -133,6 +186,102 @@ class GradientSum:
             return loss, loss, metrics
         loss, metrics = wrapped(fn, *args)
         return loss, loss * self.procs.world, metrics
+
+
+class TrainedRoles:
+    """The RL update's trained roles (name -> model: "policy", "critic") on one or several processes.
+
+    - One process, or `strategy="ddp"`: every process holds whole models; a loss runs on the role itself, and
+      `reduce_gradients` sums the gradients over processes once a mini-batch's backward passes are done.
+    - `strategy="fsdp"`: each distinct base is sharded with FSDP2 once (LoRA roles share their base, and so
+      its root); a loss runs through its base's root, scaled by the number of processes for FSDP's mean, and
+      the update runs in lockstep: every process takes as many forwards and backwards as the busiest one
+      (`lockstep`). A trained tensor outside the sharded bases (a LoRA critic's value head) is averaged over
+      processes in `reduce_gradients`, which with the scaled loss is the same sum.
+    Create it before the optimizers: FSDP replaces the sharded parameters."""
+
+    def __init__(self, roles: dict[str, torch.nn.Module], procs: Processes, device: torch.device,
+                 strategy: str = "ddp"):
+        self.roles, self.procs = roles, procs
+        self.lockstep = procs.many and strategy == "fsdp"
+        self.roots: dict[str, torch.nn.Module] = {}  # role name -> the FSDP root of its base
+        if self.lockstep:
+            by_base: dict[int, torch.nn.Module] = {}
+            for name, role in roles.items():
+                base = getattr(role, "shared_base", role)  # a LoRA role: the base it shares
+                if id(base) not in by_base:
+                    by_base[id(base)] = shard_model(base, device)
+                    start_root(by_base[id(base)])
+                self.roots[name] = by_base[id(base)]
+
+    def owners(self) -> torch.nn.ModuleDict:
+        """One module that holds every trained tensor under a stable name (each distinct base, and a role's own
+        head outside it), for checkpoints that name tensors (runtime/sharded_state.py)."""
+        owners, seen = {}, set()
+        for name, role in self.roles.items():
+            base = getattr(role, "shared_base", role)
+            if id(base) not in seen:
+                seen.add(id(base))
+                owners[name] = base
+            if base is not role and hasattr(role, "score"):
+                owners[f"{name}_head"] = role.score
+        return torch.nn.ModuleDict(owners)
+
+    def loss(self, name: str, fn: Callable):
+        """(loss to log, loss to backpropagate, metrics) of `fn(role)`, `fn` returning (loss, metrics)."""
+        role = self.roles[name]
+        if not self.lockstep:
+            loss, metrics = fn(role)
+            return loss, loss, metrics
+        loss, metrics = self.roots[name](lambda _base: fn(role))
+        return loss, loss * self.procs.world, metrics
+
+    def reduce_gradients(self) -> None:
+        """After a mini-batch's backward passes: each process's gradients become the whole mini-batch's."""
+        if not self.lockstep:
+            sum_gradients(list(self.roles.values()), self.procs)
+            return
+        from torch.distributed.tensor import DTensor
+
+        plain = [p for p in _trained_parameters(list(self.roles.values())) if not isinstance(p, DTensor)]
+        _sum_parameter_gradients(plain, self.procs)
+        for p in plain:
+            if p.grad is not None:
+                p.grad.div_(self.procs.world)
+
+    def full_state_dicts(self) -> dict[str, dict] | None:
+        """FSDP: each role's whole weights (a LoRA role: its base's, adapters included) on the CPU of the main
+        process, for saving (every process must call it). None without FSDP: the models hold them."""
+        if not self.lockstep:
+            return None
+        states, by_base = {}, {}
+        for name, role in self.roles.items():
+            base = getattr(role, "shared_base", role)
+            if id(base) not in by_base:
+                by_base[id(base)] = whole_state_dict(base)
+            states[name] = by_base[id(base)]
+        return states
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The trained models whole in every process for a rollout (every process must enter; see
+        `gathered_whole`); nothing to do without FSDP."""
+        if not self.lockstep:
+            yield
+            return
+        roots = list({id(r): r for r in self.roots.values()}.values())
+        with gathered_whole(roots):
+            yield
+
+
+def _trained_parameters(models: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    seen, params = set(), []
+    for model in models:  # roles on one base share parameters: each is listed once
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 def sum_gradients(models: list[torch.nn.Module], procs: Processes, bucket_elements: int = 1 << 24) -> None:
@@ -145,14 +294,12 @@ def sum_gradients(models: list[torch.nn.Module], procs: Processes, bucket_elemen
     parameter no process has a gradient for keeps None, so the optimizer skips it as one process would; one
     that only some processes have a gradient for gets the sum, zeros standing in for the missing ones.
     """
-    if not procs.many:
-        return
-    seen, params = set(), []
-    for model in models:  # roles on one base share parameters: each is reduced once
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
+    if procs.many:
+        _sum_parameter_gradients(_trained_parameters(models), procs, bucket_elements)
+
+
+def _sum_parameter_gradients(params: list[torch.nn.Parameter], procs: Processes,
+                             bucket_elements: int = 1 << 24) -> None:
     groups: dict[tuple, list[torch.nn.Parameter]] = {}
     for p in params:
         groups.setdefault((p.dtype, p.device), []).append(p)

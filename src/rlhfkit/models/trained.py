@@ -33,7 +33,8 @@ def adapter_of(model) -> tuple[torch.nn.Module, str] | None:
 
 def save_trained(model, tokenizer, folder: Path, base: str | None = None, state_dict: dict | None = None) -> None:
     """`model` into `folder`: an HF folder, or (LoRA) an adapter folder whose config names `base` (see base_path).
-    `state_dict`: the weights to write instead of the model's own (FSDP: the whole ones, gathered; not for roles)."""
+    `state_dict`: the weights to write instead of the model's own (FSDP: the whole ones, gathered; for a role, its
+    base's)."""
     folder = Path(folder)
     found = adapter_of(model)
     if found is None:

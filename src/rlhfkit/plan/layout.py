@@ -13,7 +13,8 @@ Layouts:
 - fsdp: one process per device (`torchrun --nproc-per-node N`, `distributed: fsdp`), each with its share of
   the global batch; every trained model sharded over all N (weights, gradients and optimizer state / N, plus the
   layers FSDP gathers while it computes; with LoRA its frozen base too, sharded with its adapters), and every
-  frozen model of its own (a reference, a reward model) whole on each device, as rlhfkit runs it.
+  frozen model of its own (a reference, a reward model) whole on each device, as rlhfkit runs it. A rollout
+  (PPO, GRPO, RLOO) gathers the trained models whole once, for generation and scoring.
 """
 
 from __future__ import annotations
@@ -253,6 +254,13 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
         if ws.trained != "frozen":  # a whole frozen model gathers nothing
             add(moment, ws.name, "other", fsdp_gather_bytes(ws, wl, n))
 
+    def gather_whole(moment):
+        """A rollout under FSDP holds every trained model whole (models.parallel.gathered_whole: gathered once,
+        so that generation needs no collective per token): each device adds the shards it does not own."""
+        for ws in wl.weights:
+            if ws.trained != "frozen" and n > 1:
+                add(moment, ws.name, "other", weight_bytes(ws, wl, dev[ws.name]) * (1 - 1 / n))
+
     dev = {ws.name: devices[placement[ws.name][0]] for ws in wl.weights}
     phases: dict[str, list[list[dict]]] = {}
     activations: dict[str, dict[str, int]] = {}
@@ -327,8 +335,8 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             half_copy = autocast_cache_bytes(policy, wl, device)
         prefill, decode = base(), base()
         for m in (prefill, decode):
-            add(m, policy.name, "weight copies", half_copy * shard_of(policy))
-            gather(m, policy)
+            add(m, policy.name, "weight copies", half_copy)  # of the whole weights, under FSDP too
+            gather_whole(m)
         add(prefill, policy.name, "kv cache", mem.kv_cache_bytes(s, B, wl.prompt_len, kv_bytes))
         add(prefill, policy.name, "activations", mem.block_inference_transient(s, B, wl.prompt_len, num, "sdpa"))
         add(prefill, policy.name, "logits", 3 * B * s.vocab * 4)
@@ -346,9 +354,9 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             m = base()
             for cat, value in inference_moment(role, ws, wl, dev[ws.name], rows, wl.seq_len).items():
                 add(m, ws.name, cat, value)
-            for held in wl.weights:  # scoring runs inside the rollout's autocast context
-                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]) * shard_of(held))
-            gather(m, ws)
+            for held in wl.weights:  # scoring runs inside the rollout's autocast context, on whole weights
+                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]))
+            gather_whole(m)
             scoring.append(m)
         phases["score"] = scoring
         policy_ws, critic_ws = wl.role("policy"), wl.role("critic")

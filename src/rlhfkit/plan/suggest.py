@@ -126,9 +126,7 @@ def describe_change(name: str, wl: Workload, n_devices: int) -> str:
     if name == "lora":
         return f"lora_r: {k.lora_r} (one frozen base, adapters trained)"
     if name == "fsdp":
-        how = "torchrun, distributed: fsdp" if wl.stage in ("sft", "reward", "dpo") else \
-            f"distributed: fsdp, not yet in rlhfkit {wl.stage}"
-        return f"FSDP over {n_devices} processes ({how})"
+        return f"FSDP over {n_devices} processes (torchrun, distributed: fsdp)"
     if name == "spread":
         return "one model per device (what-if: rlhfkit runs one device per stage)"
     if name == "offload":

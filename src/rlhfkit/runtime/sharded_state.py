@@ -15,10 +15,12 @@ import torch
 
 
 class ShardedState:
-    covers = ("optimizer",)  # the checkpoint's stateful entries this state replaces
+    """`model` (one module holding every trained tensor: the RL loop passes its roles' bases in a ModuleDict) and
+    its optimizers; `covers` names the checkpoint's stateful entries this state replaces."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+                 covers: tuple[str, ...] = ("optimizer",)):
+        self.model, self.optimizer, self.covers = model, optimizer, covers
 
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict

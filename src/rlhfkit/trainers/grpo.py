@@ -17,7 +17,6 @@ in config defaults (see config.GRPOConfig and config.RLOOConfig), so one class r
 from __future__ import annotations
 
 import time
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs
 from rlhfkit.trainers.grpo_models import GroupModels, load_group_models
 from rlhfkit.trainers.optim import build_optimizer, build_scheduler
-from rlhfkit.trainers.rl_loop import RLAlgorithm, run_rl
+from rlhfkit.trainers.rl_loop import MicroBatch, RLAlgorithm, run_rl
 
 
 def rollout_size(config: GRPOConfig) -> int:
@@ -127,24 +126,28 @@ def group_advantages(exp: Experience, names: list[str], config: GRPOConfig) -> d
 
 
 # 4. the loss of one micro-batch ----------------------------------------------------------------------------
-def micro_batch_loss(models: GroupModels, sub, idx, exp: Experience, normaliser, config: GRPOConfig,
-                     backward: Callable[[torch.Tensor], None]) -> dict:
-    """The clipped surrogate (and k3 KL) of one micro-batch, divided by the mini-batch's loss units
-    `normaliser`, backpropagated with `backward` (the loop's loss scaler); returns its metrics."""
+def micro_batch_loss(mb: MicroBatch, config: GRPOConfig) -> dict:
+    """The clipped surrogate (and k3 KL) of one micro-batch, divided by the mini-batch's loss units and
+    backpropagated (`mb.backprop`); its metrics."""
+    sub, idx, exp = mb.sub, mb.idx, mb.exp
     width = sub.response_mask.shape[1]
     mask = exp.mask[idx, :width]  # (b, R'): the tokens that carry loss
-    # (b, R') each, fp32; the entropy is only logged, so no gradient flows back through it.
-    logprobs, token_entropy = response_logprobs(models.policy, sub, config.temperature, with_entropy=True)
-    old_logprobs = logprobs.detach() if exp.logprobs is None else exp.logprobs[idx, :width]
     kl_in_loss = exp.ref_logprobs is not None and not config.kl_in_reward
-    loss, metrics = grpo_policy_loss(
-        logprobs, old_logprobs, exp.ref_logprobs[idx, :width] if kl_in_loss else None, exp.advantages[idx], mask,
-        clip_eps=config.clip_eps, beta=config.beta if kl_in_loss else 0.0, aggregation=config.loss_aggregation,
-        max_tokens=config.max_new_tokens, clip_eps_high=config.clip_eps_high, normaliser=normaliser)
-    entropy = masked_mean(token_entropy.detach(), mask > 0)
-    backward(loss)  # in the dtypes the forward chose; autocast must not recast it
-    metrics.pop("ppo/dual_clipfrac", None)  # no dual clip here
-    return {**metrics, "ppo/entropy": entropy, "loss/policy": loss.detach()}
+
+    def loss_of(policy):
+        # (b, R') each, fp32; the entropy is only logged, so no gradient flows back through it.
+        logprobs, token_entropy = response_logprobs(policy, sub, config.temperature, with_entropy=True)
+        old_logprobs = logprobs.detach() if exp.logprobs is None else exp.logprobs[idx, :width]
+        loss, metrics = grpo_policy_loss(
+            logprobs, old_logprobs, exp.ref_logprobs[idx, :width] if kl_in_loss else None, exp.advantages[idx],
+            mask, clip_eps=config.clip_eps, beta=config.beta if kl_in_loss else 0.0,
+            aggregation=config.loss_aggregation, max_tokens=config.max_new_tokens,
+            clip_eps_high=config.clip_eps_high, normaliser=mb.normaliser)
+        metrics.pop("ppo/dual_clipfrac", None)  # no dual clip here
+        return loss, {**metrics, "ppo/entropy": masked_mean(token_entropy.detach(), mask > 0),
+                      "loss/policy": loss.detach()}
+
+    return mb.backprop("policy", loss_of)
 
 
 class GroupRL(RLAlgorithm):
@@ -157,7 +160,7 @@ class GroupRL(RLAlgorithm):
     def __init__(self, config: GRPOConfig):
         super().__init__(config)
         self.models = load_group_models(config)
-        self.trained = {"policy": self.models.policy}
+        self.share_models({"policy": self.models.policy})
         steps = config.max_steps * config.num_iterations * (rollout_size(config) // mini_batch_size(config))
         self.optimizers = {"policy": build_optimizer(self.models.policy, config)}
         self.schedulers = {"policy": build_scheduler(self.optimizers["policy"], config, steps)}
@@ -178,8 +181,8 @@ class GroupRL(RLAlgorithm):
     def advantages(self, exp: Experience) -> dict:
         return group_advantages(exp, self.models.rewards.names, self.config)
 
-    def micro_batch_loss(self, sub, idx, exp, normaliser) -> dict:
-        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config, self.scaler.backward)
+    def micro_batch_loss(self, mb: MicroBatch) -> dict:
+        return micro_batch_loss(mb, self.config)
 
     def sample_rows(self, exp: Experience) -> list[dict]:
         k = self.config.num_generations  # the first completion of the first 4 prompts

@@ -61,9 +61,10 @@ class GroupModels(PromptsAndGold):
     gold: Callable | None          # optional gold scorer, for logging only
     config: GRPOConfig
 
-    def save(self, folder: Path) -> None:
-        """The policy as a standard HF folder, or a peft adapter folder with LoRA (there is no critic)."""
-        save_trained(self.policy, self.tokenizer, folder, base_path(self.config))
+    def save(self, folder: Path, states: dict | None = None) -> None:
+        """The policy as a standard HF folder, or a peft adapter folder with LoRA (there is no critic).
+        `states`: role -> the whole weights to write (FSDP, gathered: models.parallel.TrainedRoles)."""
+        save_trained(self.policy, self.tokenizer, folder, base_path(self.config), (states or {}).get("policy"))
 
     def load(self, folder: Path) -> None:
         load_trained_weights(self.policy, folder)

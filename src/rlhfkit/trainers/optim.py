@@ -9,8 +9,10 @@ import torch
 
 def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dict[str, float] | None = None):
     """Split trainable parameters into groups: no weight decay for biases and norm weights (1-D tensors),
-    as in GPT-2/BERT practice; parameters whose name starts with a key of `lr_overrides` get that lr."""
-    groups: dict[tuple[float, float], list] = {}
+    as in GPT-2/BERT practice; parameters whose name starts with a key of `lr_overrides` get that lr. FSDP's
+    sharded parameters (DTensors) and plain ones (a LoRA critic's head beside its sharded base) go into separate
+    groups: the fused AdamW kernel takes one kind at a time."""
+    groups: dict[tuple[float, float, bool], list] = {}
     for name, param in named_params:
         if not param.requires_grad:
             continue
@@ -19,8 +21,8 @@ def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dic
         for prefix, override in (lr_overrides or {}).items():
             if name.startswith(prefix):
                 group_lr = override
-        groups.setdefault((decay, group_lr), []).append(param)
-    return [{"params": ps, "weight_decay": d, "lr": glr} for (d, glr), ps in groups.items()]
+        groups.setdefault((decay, group_lr, _is_dtensor(param)), []).append(param)
+    return [{"params": ps, "weight_decay": d, "lr": glr} for (d, glr, _), ps in groups.items()]
 
 
 def build_optimizer(model, config, lr_overrides: dict[str, float] | None = None,
@@ -66,7 +68,26 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    sharded = [g for g in grads if _is_dtensor(g)]
+    if sharded and len(sharded) < len(grads):
+        return _clip_mixed(sharded, [g for g in grads if not _is_dtensor(g)], max_norm)
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if float(max_norm) / (float(norm) + 1e-6) < 1.0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _clip_mixed(sharded: list[torch.Tensor], plain: list[torch.Tensor], max_norm: float) -> float:
+    """FSDP's sharded gradients (DTensors) beside plain ones (a LoRA critic's value head, outside the sharded
+    base): torch's foreach kernels take one kind at a time, so the norms are taken apart and combined."""
+    whole = torch.nn.utils.get_total_norm(sharded, 2.0).full_tensor()  # every process's shards
+    norm = float(torch.linalg.vector_norm(torch.stack([whole, torch.nn.utils.get_total_norm(plain, 2.0)])))
+    scale = float(max_norm) / (norm + 1e-6)
+    if scale < 1.0:
+        for g in (*sharded, *plain):
+            g.mul_(scale)
+    return norm

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from rlhfkit.config import PPOConfig
@@ -30,7 +28,7 @@ from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.generate import sample_responses
 from rlhfkit.rollout.scoring import response_logprobs, response_values
 from rlhfkit.trainers.ppo_models import PPOModels, build_optimizers, load_ppo_models
-from rlhfkit.trainers.rl_loop import RLAlgorithm, run_rl
+from rlhfkit.trainers.rl_loop import MicroBatch, RLAlgorithm, run_rl
 
 
 # 1-2. rollout and score ------------------------------------------------------------------------------------
@@ -83,31 +81,34 @@ def shaped_advantages(exp: Experience, kl_coef: float, config: PPOConfig) -> dic
 
 
 # 5. the loss of one micro-batch ----------------------------------------------------------------------------
-def micro_batch_loss(models: PPOModels, sub, idx, exp: Experience, normaliser, config: PPOConfig,
-                     backward: Callable[[torch.Tensor], None]) -> dict:
-    """Policy and value losses of one micro-batch, each divided by the mini-batch's token count `normaliser`
-    and backpropagated with `backward` (the loop's loss scaler); returns its metrics."""
+def micro_batch_loss(mb: MicroBatch, config: PPOConfig) -> dict:
+    """Policy and value losses of one micro-batch, each divided by the mini-batch's token count and
+    backpropagated as soon as it exists (`mb.backprop`: one model's graph held at a time); its metrics."""
+    sub, idx, exp = mb.sub, mb.idx, mb.exp
     mask = sub.response_mask  # (b, R') with R' <= R: the sub-batch drops all-pad columns
     width = mask.shape[1]
-    # (b, R') each, fp32; the entropy has a gradient only when it is part of the loss.
-    logprobs, token_entropy = response_logprobs(models.policy, sub, config.temperature, with_entropy=True)
-    policy_loss, p_metrics = ppo_policy_loss(
-        logprobs, exp.logprobs[idx, :width], exp.advantages[idx, :width], mask, clip_eps=config.clip_eps,
-        clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
-        normaliser=normaliser)
-    with torch.no_grad():
-        entropy = masked_mean(token_entropy, mask)
-    loss = policy_loss
-    if config.entropy_coef:
-        loss = policy_loss - config.entropy_coef * aggregate_loss(token_entropy, mask, normaliser=normaliser)
-    # Backward as soon as each loss exists, so that only one model's graph is held at a time; backward runs
-    # in the dtypes the forward chose, and autocast must not recast it.
-    backward(loss)
-    values = response_values(models.critic, sub)
-    value_loss, v_metrics = ppo_value_loss(values, exp.values[idx, :width], exp.returns[idx, :width], mask,
-                                           config.value_clip, normaliser=normaliser)
-    backward(value_loss)
-    return {**p_metrics, **v_metrics, "ppo/entropy": entropy, "loss/policy": policy_loss.detach()}
+
+    def policy_loss_of(policy):
+        # (b, R') each, fp32; the entropy has a gradient only when it is part of the loss.
+        logprobs, token_entropy = response_logprobs(policy, sub, config.temperature, with_entropy=True)
+        policy_loss, metrics = ppo_policy_loss(
+            logprobs, exp.logprobs[idx, :width], exp.advantages[idx, :width], mask, clip_eps=config.clip_eps,
+            clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
+            normaliser=mb.normaliser)
+        with torch.no_grad():
+            metrics["ppo/entropy"] = masked_mean(token_entropy, mask)
+        metrics["loss/policy"] = policy_loss.detach()
+        if config.entropy_coef:
+            return policy_loss - config.entropy_coef * aggregate_loss(token_entropy, mask,
+                                                                      normaliser=mb.normaliser), metrics
+        return policy_loss, metrics
+
+    def value_loss_of(critic):
+        values = response_values(critic, sub)
+        return ppo_value_loss(values, exp.values[idx, :width], exp.returns[idx, :width], mask, config.value_clip,
+                              normaliser=mb.normaliser)
+
+    return {**mb.backprop("policy", policy_loss_of), **mb.backprop("critic", value_loss_of)}
 
 
 class PPO(RLAlgorithm):
@@ -118,7 +119,7 @@ class PPO(RLAlgorithm):
     def __init__(self, config: PPOConfig):
         super().__init__(config)
         self.models = load_ppo_models(config)
-        self.trained = {"policy": self.models.policy, "critic": self.models.critic}
+        self.share_models({"policy": self.models.policy, "critic": self.models.critic})
         self.optimizers, self.schedulers = build_optimizers(self.models, config)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target if config.adaptive_kl else None,
                                    config.kl_horizon)
@@ -136,8 +137,8 @@ class PPO(RLAlgorithm):
     def advantages(self, exp: Experience) -> dict:
         return shaped_advantages(exp, self.kl_ctl.value, self.config)
 
-    def micro_batch_loss(self, sub, idx, exp, normaliser) -> dict:
-        return micro_batch_loss(self.models, sub, idx, exp, normaliser, self.config, self.scaler.backward)
+    def micro_batch_loss(self, mb: MicroBatch) -> dict:
+        return micro_batch_loss(mb, self.config)
 
     def after_update(self, exp: Experience, metrics: dict) -> dict:
         self.kl_ctl.update(float(metrics["objective/kl"]), len(exp))

@@ -31,10 +31,13 @@ class PPOModels(PromptsAndGold):
     config: PPOConfig
 
 
-    def save(self, folder: Path) -> None:
-        """The policy as a standard HF folder (LoRA: a peft adapter folder); the critic beside it in `critic/`."""
-        save_trained(self.policy, self.tokenizer, folder, base_path(self.config))
-        save_trained(self.critic, self.tokenizer, Path(folder) / "critic", base_path(self.config))
+    def save(self, folder: Path, states: dict | None = None) -> None:
+        """The policy as a standard HF folder (LoRA: a peft adapter folder); the critic beside it in `critic/`.
+        `states`: role -> the whole weights to write (FSDP, gathered: models.parallel.TrainedRoles)."""
+        states = states or {}
+        save_trained(self.policy, self.tokenizer, folder, base_path(self.config), states.get("policy"))
+        save_trained(self.critic, self.tokenizer, Path(folder) / "critic", base_path(self.config),
+                     states.get("critic"))
 
     def load(self, folder: Path) -> None:
         load_trained_weights(self.policy, folder)

@@ -14,7 +14,10 @@ of the prompts (a prompt's K samples stay together), every sample seeded by its 
 (rollout.generate.sample_seeds), and the shares are gathered (rollout/gather.py), so that steps 3-4 run on the
 whole batch, in every process alike. In step 5 each process computes its share of every mini-batch, normalised
 by the mini-batch's global units, and the gradients are summed over processes before clipping
-(models.parallel.sum_gradients): N processes take the one-process step.
+(models.parallel.TrainedRoles): N processes take the one-process step. With `distributed: fsdp` the trained
+models are sharded (FSDP2): each rollout runs inside `parallel.gathered()`, which gathers them whole once, and
+the update runs in lockstep, a process short of rows taking part with stand-in micro-batches whose loss counts
+zero, so that every process runs the same collectives.
 
 An algorithm is a class with the attributes and methods of `RLAlgorithm`; ppo.py and grpo.py each define one
 and read top to bottom in the same order.
@@ -23,7 +26,9 @@ and read top to bottom in the same order.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,12 +43,14 @@ from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.runtime.device import resolve_device, stage_device
-from rlhfkit.models.parallel import sum_gradients
+from rlhfkit.models.parallel import TrainedRoles, fsdp_rollouts_supported
+from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.gather import gather_experience
 from rlhfkit.rollout.generate import sample_seeds
-from rlhfkit.runtime.distributed import all_gather, barrier, my_samples, my_share, processes, sum_across
+from rlhfkit.runtime.distributed import Processes, all_gather, barrier, my_samples, my_share, processes, sum_across
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
+from rlhfkit.runtime.sharded_state import ShardedState
 from rlhfkit.trainers.optim import clip_gradients
 from rlhfkit.trainers.rl_models import load_prompts_for
 from rlhfkit.trainers.run_context import RunContext
@@ -51,6 +58,26 @@ from rlhfkit.trainers.run_context import RunContext
 # Metrics that are (parts of) the loss: each micro-batch's is already divided by the mini-batch's units, so
 # they add up; every other metric is a mean over the micro-batch and is weighted by its share of the units.
 ADDITIVE_METRICS = frozenset({"loss/policy", "loss/value", "ppo/policy_loss", "grpo/loss"})
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of the update, and the way its losses reach the trained models."""
+
+    sub: RolloutBatch           # its rows, all-pad columns dropped: response_mask (b, R') with R' <= R
+    idx: torch.Tensor           # (b,) those rows' places in `exp`
+    exp: Experience
+    normaliser: torch.Tensor    # () the mini-batch's loss units over all processes
+    parallel: TrainedRoles
+    backward: Callable[[torch.Tensor], None]  # the run's loss scaler's backward
+    counts: bool = True         # False: a stand-in (FSDP lockstep), run for the collectives, its loss times 0
+
+    def backprop(self, role: str, fn: Callable) -> dict:
+        """Run `fn(model)` -> (loss, metrics) on the trained model `role` and backpropagate the loss at once (so
+        that one model's graph is held at a time); return the metrics."""
+        _, loss, metrics = self.parallel.loss(role, fn)
+        self.backward(loss if self.counts else loss * 0.0)
+        return metrics
 
 
 class RLAlgorithm:
@@ -66,6 +93,7 @@ class RLAlgorithm:
         self.config = config
         self.models = None           # a bundle with .policy, .tokenizer, .save(folder), .encode_prompts, .gold
         self.trained: dict[str, torch.nn.Module] = {}        # name -> trained model
+        self.parallel: TrainedRoles | None = None            # how the update reaches them (set before optimizers)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
         self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
@@ -91,8 +119,14 @@ class RLAlgorithm:
         """Fill exp.advantages (and exp.returns); return the iteration's reward metrics."""
         raise NotImplementedError
 
-    def micro_batch_loss(self, sub, idx: torch.Tensor, exp: Experience, normaliser: torch.Tensor) -> dict:
-        """Forward and backward of one micro-batch (rows `idx` of exp, laid out as `sub`); its metrics."""
+    def share_models(self, trained: dict[str, torch.nn.Module]) -> None:
+        """Set the trained models and how they are reached across processes (FSDP shards them here: call it
+        before building the optimizers)."""
+        self.trained = trained
+        self.parallel = TrainedRoles(trained, processes(), self.device, self.config.distributed)
+
+    def micro_batch_loss(self, mb: MicroBatch) -> dict:
+        """Forward and backward of one micro-batch, each loss through `mb.backprop`; its metrics."""
         raise NotImplementedError
 
     def after_update(self, exp: Experience, metrics: dict) -> dict:
@@ -108,6 +142,22 @@ class RLAlgorithm:
 
     def load_weights(self, folder: Path) -> None:
         raise NotImplementedError
+
+
+def my_micro_batches(exp: Experience, rows: torch.Tensor, micro: int, normaliser: torch.Tensor, algo: RLAlgorithm,
+                     procs: Processes) -> list[MicroBatch]:
+    """This process's micro-batches of the mini-batch `rows`: its share (every N-th row, maybe none) in
+    micro-batches of `micro` rows. In lockstep (FSDP) a process with fewer than the busiest one's adds stand-ins
+    (the mini-batch's first row, its loss counting zero): every process runs the same forwards and backwards."""
+    mine = rows[procs.rank::procs.world]
+    make = lambda idx, sub, counts=True: MicroBatch(sub, idx, exp, normaliser, algo.parallel, algo.scaler.backward,
+                                                    counts)
+    batches = [make(idx, sub) for idx, sub in exp.batch.micro_batches(mine, micro)]
+    if algo.parallel.lockstep:
+        busiest = -(-(-(-len(rows) // procs.world)) // micro)  # ceil(ceil(rows / N) / micro)
+        stand_in = rows[:1].to(exp.batch.device)
+        batches += [make(stand_in, exp.batch.select(stand_in), False) for _ in range(busiest - len(batches))]
+    return batches
 
 
 def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch.Generator) -> dict:
@@ -130,18 +180,19 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
         for start in range(0, len(exp), mini):
             rows = order[start:start + mini]
             normaliser = loss_units(exp.mask[rows], algo.loss_aggregation).clamp(min=1.0)  # global: exp is
-            mine = rows[procs.rank::procs.world]  # this process's share of the mini-batch (maybe none)
             # One autocast context per mini-batch, closed before the optimizer steps. Autocast keeps its bf16
             # copy of each weight until its context exits: the micro-batches share one cast, and no forward
             # after a step can see the weights from before it (a context around the whole update would).
             with autocast(config.mixed_precision, algo.device.type):
-                for idx, sub in exp.batch.micro_batches(mine, micro):
-                    metrics = algo.micro_batch_loss(sub, idx, exp, normaliser)
-                    share = float(loss_units(exp.mask[idx, :sub.response_mask.shape[1]], algo.loss_aggregation)
-                                  / normaliser)
+                for mb in my_micro_batches(exp, rows, micro, normaliser, algo, procs):
+                    metrics = algo.micro_batch_loss(mb)
+                    if not mb.counts:
+                        continue
+                    share = float(loss_units(exp.mask[mb.idx, :mb.sub.response_mask.shape[1]],
+                                             algo.loss_aggregation) / normaliser)
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key in ADDITIVE_METRICS else share)
-            sum_gradients(list(algo.trained.values()), procs)  # the whole mini-batch's gradient, everywhere
+            algo.parallel.reduce_gradients()  # the whole mini-batch's gradient, everywhere
             for optimizer in algo.optimizers.values():
                 algo.scaler.unscale(optimizer)  # fp16: true-sized gradients before clipping
             norms = {name: clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm)
@@ -199,9 +250,9 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     """Set up, resume and run `algorithm` for config.max_steps iterations; write the policy to output_dir."""
     device = resolve_device(config)
     procs = processes()
-    if procs.many and config.distributed == "fsdp":
-        raise UserError(f"distributed: fsdp: {algorithm.stage} runs with ddp for now (every process holds whole "
-                        f"models); sft, reward and dpo shard with fsdp")
+    if procs.many and config.distributed == "fsdp" and not fsdp_rollouts_supported():
+        raise UserError(f"distributed: fsdp: {algorithm.stage} needs torch >= 2.13 (FSDPModule.reset_iter_state, "
+                        f"to gather the models once per rollout); use distributed: ddp, or upgrade torch")
     resolve_precision(config, device.type)
     out = resolve_output_dir(config, algorithm.stage)
     records = load_prompts_for(config, keep_extra=algorithm.keep_extra_fields)
@@ -222,7 +273,11 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
                 **{f"{n}_scheduler": s for n, s in algo.schedulers.items()}, **algo.stateful, "guard": guard}
     if algo.scaler.active:
         stateful["loss_scaler"] = algo.scaler
-    run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration")
+    # Checkpoints from an FSDP run hold the trained models and their optimizers sharded (any layout reads them)
+    sharded = ShardedState(algo.parallel.owners(), list(algo.optimizers.values()),
+                           covers=tuple(f"{n}_optimizer" for n in algo.optimizers))
+    run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration", sharded=sharded,
+                     shard_writes=algo.parallel.lockstep)
     state = run.resume(algo.load_weights)
     step = 0
     if state is not None:
@@ -240,11 +295,12 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             prompts = my_share(rows, procs)
             indices = my_samples(len(rows), k, procs)
             local = None
-            if prompts:
-                with autocast(config.mixed_precision, device.type):
-                    local = algo.rollout(_repeat([records[i] for i in prompts], k),
-                                         _repeat([prompt_ids[i] for i in prompts], k),
-                                         sample_seeds(config.seed, step, indices))
+            with algo.parallel.gathered():  # FSDP: the trained models whole, gathered once by every process
+                if prompts:
+                    with autocast(config.mixed_precision, device.type):
+                        local = algo.rollout(_repeat([records[i] for i in prompts], k),
+                                             _repeat([prompt_ids[i] for i in prompts], k),
+                                             sample_seeds(config.seed, step, indices))
             exp = gather_experience(local, indices, procs, algo.models.tokenizer.pad_token_id, device)
             # 3-4. rewards and advantages
             metrics = algo.advantages(exp)
@@ -269,8 +325,9 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
             bar.update(1)
             bar.set_postfix(**algo.progress(row))
     run.close_progress()
+    states = algo.parallel.full_state_dicts()  # FSDP: the whole weights, gathered by every process; else None
     if procs.main:  # every process holds the same weights
-        algo.models.save(out)
+        algo.models.save(out, states)
     if uses_lora(config) and config.merge:  # also a plain HF folder of the policy, for tools that take no adapter
         write_merged(out, algo.models.tokenizer, lambda: load_causal_lm(
             config.model, config.dtype, config.trust_remote_code, config.attn_implementation))
