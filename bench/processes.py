@@ -3,7 +3,7 @@
 On a CPU, N processes share its cores: one process with T threads against N processes of T / N threads each.
 Each case runs the real stage (`rlhfkit <stage>`, fp32) in fresh processes with the same global batch, and reads
 `perf/samples_per_s` from its metrics.jsonl (the global batch over the step's wall time, both computed by the
-main process), averaged over the steps after the first (which pays for warm-up). DPO also runs with
+main process), averaged over the steps after the first (which pays for warm-up). Both also run with
 `distributed: fsdp`.
 
 Usage: python bench/processes.py [--models tiny,embedded] [--stages ppo,dpo] [--threads 2]
@@ -72,7 +72,7 @@ def main():
                               "reward_model": ensure_reward_model(work, model, data)})
             else:
                 flags.update({"data": data["preference"], "eval_fraction": 0})
-            cases = layouts + ([(2, max(1, args.threads // 2), {"distributed": "fsdp"})] if stage == "dpo" else [])
+            cases = layouts + [(2, max(1, args.threads // 2), {"distributed": "fsdp"})]
             base = None
             for procs, threads, extra in cases:
                 result = run_case(stage, model, flags, procs, threads, extra)
