@@ -149,30 +149,34 @@ LAYOUTS = {"1": (1, None, []), "2": (2, "torchrun", []), "2-accelerate": (2, "ac
 SFT_TESTS = pytest.mark.xdist_group("sft-layouts")
 
 
-def _sft_settings(data) -> list[str]:
-    return ["sft", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(data),
-            "--eval-fraction", "0", "--max-samples", "0", "--batch-size", "4", "--gradient-accumulation-steps", "2",
-            "--max-steps", "4", "--save-every", "2"]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """layout -> (output folder of the uninterrupted run on that layout, its settings), each run on first use."""
-    root = tmp_path_factory.mktemp("sft-layouts")
-    data = write_jsonl(root / "sft.jsonl", [{"prompt": f"Say {w} {i}", "completion": f"{w} number {i}."}
-                                            for i, w in enumerate("abcdefghijklmnopqrstu")])
+def _runs_by_layout(root, settings: list[str]):
+    """layout -> the output folder of `settings` run uninterrupted on that layout under `root`, each run made on
+    its first use and then shared."""
     done_runs = {}
 
     def run(layout: str):
         if layout not in done_runs:
             n, launcher, extra = LAYOUTS[layout]
             out = root / layout
-            done = _run([*_sft_settings(data), *extra, "--output-dir", str(out)], n, root, launcher=launcher)
+            done = _run([*settings, *extra, "--output-dir", str(out)], n, root, launcher=launcher)
             assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
             assert done.stdout.count("device: ") == n  # every process chose its device: n really ran
             done_runs[layout] = out
-        return done_runs[layout], _sft_settings(data)
+        return done_runs[layout]
     return run
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """layout -> (output folder of the uninterrupted run on that layout, its settings)."""
+    root = tmp_path_factory.mktemp("sft-layouts")
+    data = write_jsonl(root / "sft.jsonl", [{"prompt": f"Say {w} {i}", "completion": f"{w} number {i}."}
+                                            for i, w in enumerate("abcdefghijklmnopqrstu")])
+    settings = ["sft", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(data),
+                "--eval-fraction", "0", "--max-samples", "0", "--batch-size", "4", "--gradient-accumulation-steps",
+                "2", "--max-steps", "4", "--save-every", "2"]
+    runs = _runs_by_layout(root, settings)
+    return lambda layout: (runs(layout), settings)
 
 
 def _rows(folder) -> list[dict]:
@@ -286,18 +290,8 @@ def ppo_run(tmp_path_factory):
     settings = ["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(prompts),
                 "--reward-model", str(rm), "--rollout-batch-size", "6", "--mini-batch-size", "3", "--max-steps", "4",
                 "--save-every", "2", "--sample-every", "1", "--gold-scorer", "tests.trainers.rewards:positional"]
-    done_runs = {}
-
-    def run(layout: str):
-        if layout not in done_runs:
-            n, _, extra = LAYOUTS[layout]
-            out = root / f"ppo-{layout}"
-            done = _run([*settings, *extra, "--output-dir", str(out)], n, root)
-            assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-            assert done.stdout.count("device: ") == n
-            done_runs[layout] = out
-        return done_runs[layout], settings, root
-    return run
+    runs = _runs_by_layout(root, settings)
+    return lambda layout: (runs(layout), settings, root)
 
 
 @pytest.mark.slow

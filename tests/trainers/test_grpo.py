@@ -80,9 +80,10 @@ def test_grpo_learns_a_verifiable_reward_function_over_seeds(tmp_path, prompts):
 
     At lr 0.1 a run either takes off, reaching 1.0 (every completion all aligned) within 10 iterations of 4
     prompts x 4 samples, or wanders near 0.5; which one a seed does is chaotic: the same seed follows another
-    path on a CPU whose kernels round differently (AVX2 against AVX-512). Measured rises (mean of the last 3
-    iterations less the first 3): AVX-512, seeds 0-2 all about +0.45; AVX2 (AMD EPYC), seeds 0-5: -0.10, +0.05,
-    +0.49, +0.35, +0.42, +0.45 (mean +0.28). The test asks for a mean rise over the six seeds of more than 0.15:
+    path on a CPU whose kernels round differently. Measured rises in fp32 (mean of the last 3 iterations less the
+    first 3): Intel Xeon (AVX-512), seeds 0-2 all about +0.45; an AVX2-only AMD EPYC, seeds 0-2 from 0.51-0.55
+    to 0.66, 1.00 and 1.00; AMD EPYC with AVX512-BF16, seeds 0-5: -0.10, +0.05, +0.49, +0.35, +0.42, +0.45
+    (mean +0.28). The test asks for a mean rise over the six seeds of more than 0.15:
     at least two seeds in six taking off, where four to six do."""
     rises = []
     for seed in range(6):

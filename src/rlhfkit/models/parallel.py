@@ -63,6 +63,15 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return fully_shard(LossForward(model), mesh=mesh)
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor) rather than a plain tensor."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def whole_state_dict(model: torch.nn.Module) -> dict:
     """A sharded model's whole weights, on the CPU of the main process (the other processes get an empty dict;
     every process must call it). FSDP's state_dict always gives shards, even while the weights are gathered."""
@@ -77,14 +86,15 @@ def whole_state_dict(model: torch.nn.Module) -> dict:
     return whole
 
 
-def start_root(root: torch.nn.Module) -> None:
+def start_root(root: torch.nn.Module) -> torch.nn.Module:
     """A no-op forward through a new FSDP root (every process: it gathers the root's weights): FSDP settles
     which module is the root on the first forward, which must pass through the root before any inner module is
-    called on its own (a rollout calls the model, not the root)."""
+    called on its own (a rollout calls the model, not the root). Returns the root."""
     with torch.no_grad():
         root(lambda model: None)
     root.reshard()  # the root keeps its own weights gathered after a forward: shard them (an optimizer built
     # next must see the sharded parameters)
+    return root
 
 
 @contextlib.contextmanager
@@ -204,15 +214,18 @@ class TrainedRoles:
                  strategy: str = "ddp"):
         self.roles, self.procs = roles, procs
         self.lockstep = procs.many and strategy == "fsdp"
-        self.roots: dict[str, torch.nn.Module] = {}  # role name -> the FSDP root of its base
-        if self.lockstep:
-            by_base: dict[int, torch.nn.Module] = {}
-            for name, role in roles.items():
-                base = getattr(role, "shared_base", role)  # a LoRA role: the base it shares
-                if id(base) not in by_base:
-                    by_base[id(base)] = shard_model(base, device)
-                    start_root(by_base[id(base)])
-                self.roots[name] = by_base[id(base)]
+        # role name -> the FSDP root of its base
+        self.roots = self._once_per_base(lambda base: start_root(shard_model(base, device))) if self.lockstep else {}
+
+    def _once_per_base(self, fn: Callable) -> dict:
+        """role name -> fn(its base), computed once for each distinct base (LoRA roles share one)."""
+        done, out = {}, {}
+        for name, role in self.roles.items():
+            base = getattr(role, "shared_base", role)  # a LoRA role: the base it shares
+            if id(base) not in done:
+                done[id(base)] = fn(base)
+            out[name] = done[id(base)]
+        return out
 
     def owners(self) -> torch.nn.ModuleDict:
         """One module that holds every trained tensor under a stable name (each distinct base, and a role's own
@@ -241,9 +254,7 @@ class TrainedRoles:
         if not self.lockstep:
             sum_gradients(list(self.roles.values()), self.procs)
             return
-        from torch.distributed.tensor import DTensor
-
-        plain = [p for p in _trained_parameters(list(self.roles.values())) if not isinstance(p, DTensor)]
+        plain = [p for p in _trained_parameters(list(self.roles.values())) if not is_sharded(p)]
         _sum_parameter_gradients(plain, self.procs)
         for p in plain:
             if p.grad is not None:
@@ -252,15 +263,7 @@ class TrainedRoles:
     def full_state_dicts(self) -> dict[str, dict] | None:
         """FSDP: each role's whole weights (a LoRA role: its base's, adapters included) on the CPU of the main
         process, for saving (every process must call it). None without FSDP: the models hold them."""
-        if not self.lockstep:
-            return None
-        states, by_base = {}, {}
-        for name, role in self.roles.items():
-            base = getattr(role, "shared_base", role)
-            if id(base) not in by_base:
-                by_base[id(base)] = whole_state_dict(base)
-            states[name] = by_base[id(base)]
-        return states
+        return self._once_per_base(whole_state_dict) if self.lockstep else None
 
     @contextlib.contextmanager
     def gathered(self):

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from rlhfkit.models.parallel import is_sharded
+
 
 def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dict[str, float] | None = None):
     """Split trainable parameters into groups: no weight decay for biases and norm weights (1-D tensors),
@@ -21,7 +23,7 @@ def param_groups(named_params, weight_decay: float, lr: float, lr_overrides: dic
         for prefix, override in (lr_overrides or {}).items():
             if name.startswith(prefix):
                 group_lr = override
-        groups.setdefault((decay, group_lr, _is_dtensor(param)), []).append(param)
+        groups.setdefault((decay, group_lr, is_sharded(param)), []).append(param)
     return [{"params": ps, "weight_decay": d, "lr": glr} for (d, glr, _), ps in groups.items()]
 
 
@@ -68,17 +70,13 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    sharded = [g for g in grads if _is_dtensor(g)]
+    sharded = [g for g in grads if is_sharded(g)]
     if sharded and len(sharded) < len(grads):
-        return _clip_mixed(sharded, [g for g in grads if not _is_dtensor(g)], max_norm)
+        return _clip_mixed(sharded, [g for g in grads if not is_sharded(g)], max_norm)
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if float(max_norm) / (float(norm) + 1e-6) < 1.0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
 
 
 def _clip_mixed(sharded: list[torch.Tensor], plain: list[torch.Tensor], max_norm: float) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
 import torch
 
 from rlhfkit.config import PPOConfig

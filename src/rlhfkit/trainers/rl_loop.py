@@ -25,6 +25,7 @@ and read top to bottom in the same order.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class MicroBatch:
         """Run `fn(model)` -> (loss, metrics) on the trained model `role` and backpropagate the loss at once (so
         that one model's graph is held at a time); return the metrics."""
         _, loss, metrics = self.parallel.loss(role, fn)
+        # in the dtypes the forward chose (autocast must not recast it); fp16: through the loss scaler
         self.backward(loss if self.counts else loss * 0.0)
         return metrics
 
@@ -149,12 +151,12 @@ def my_micro_batches(exp: Experience, rows: torch.Tensor, micro: int, normaliser
     """This process's micro-batches of the mini-batch `rows`: its share (every N-th row, maybe none) in
     micro-batches of `micro` rows. In lockstep (FSDP) a process with fewer than the busiest one's adds stand-ins
     (the mini-batch's first row, its loss counting zero): every process runs the same forwards and backwards."""
-    mine = rows[procs.rank::procs.world]
-    make = lambda idx, sub, counts=True: MicroBatch(sub, idx, exp, normaliser, algo.parallel, algo.scaler.backward,
-                                                    counts)
-    batches = [make(idx, sub) for idx, sub in exp.batch.micro_batches(mine, micro)]
+    def make(idx, sub, counts=True):
+        return MicroBatch(sub, idx, exp, normaliser, algo.parallel, algo.scaler.backward, counts)
+
+    batches = [make(idx, sub) for idx, sub in exp.batch.micro_batches(rows[procs.rank::procs.world], micro)]
     if algo.parallel.lockstep:
-        busiest = -(-(-(-len(rows) // procs.world)) // micro)  # ceil(ceil(rows / N) / micro)
+        busiest = math.ceil(math.ceil(len(rows) / procs.world) / micro)  # process 0 holds the most rows
         stand_in = rows[:1].to(exp.batch.device)
         batches += [make(stand_in, exp.batch.select(stand_in), False) for _ in range(busiest - len(batches))]
     return batches
