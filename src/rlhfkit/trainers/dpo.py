@@ -21,6 +21,7 @@ from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_toke
 from rlhfkit.models.precision import store_linears_in_bf16
 from rlhfkit.models.roles import Role
 from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
+from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
@@ -101,6 +102,7 @@ def run_dpo(config: DPOConfig) -> Path:
     train, evals = [[tokenize_preference(tokenizer, r, config.max_prompt_length, config.max_length,
                                          config.use_chat_template, config.system_prompt) for r in records]
                     for records in (train_records, eval_records)]
+    seed_everything(config.seed)  # before the adapter: LoRA's A matrices are initialised from the RNG
     model = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation, device)
     with_lora(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
