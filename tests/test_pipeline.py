@@ -88,7 +88,7 @@ def test_demo_tiny_runs_the_whole_recipe_and_reruns_nothing(tmp_path, capsys):
     assert page.count("<th>grpo</th>") == 3
 
 
-@pytest.mark.parametrize("preset", ["default", "tiny"])
+@pytest.mark.parametrize("preset", ["default", "tiny", "lora"])
 def test_demo_presets_configure_every_fine_tuning_method(tmp_path, preset):
     """`--algos` may name any of them: none may fall back to a stage's defaults (RLOO's: 100 iterations at
     TRL's learning rate for large models), which a demo is not tuned for."""
@@ -127,3 +127,48 @@ def test_a_pipeline_system_prompt_reaches_every_stage_and_a_section_may_override
     # The demo preset drops SmolLM2's default system turn (a third of every sequence) in every stage.
     assert stage_config(load_pipeline(demo_path("default"), {"output_dir": str(tmp_path)}), "ppo",
                         {}).system_prompt == ""
+
+
+def test_a_pipeline_file_extends_another_and_its_keys_win_section_key_by_key(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("output_dir: base\nseed: 3\nstages: [sft, eval]\nsft:\n  max_steps: 7\n  batch_size: 4\n"
+                    "eval: {num_prompts: 5}\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("extends: ../base.yaml\noutput_dir: child\nsft:\n  batch_size: 2\n  learning_rat: 1\n")
+    # A key of either file is reported at its own file and line.
+    with pytest.raises(ConfigError, match=r"child.yaml:5 \[sft\]: unknown key 'learning_rat'"):
+        load_pipeline(child)
+    child.write_text("extends: ../base.yaml\noutput_dir: child\nsft:\n  batch_size: 2\n")
+    pipe = load_pipeline(child)
+    assert (str(pipe.output_dir), pipe.seed, pipe.stages) == ("child", 3, ["sft", "eval"])
+    assert pipe.sections["sft"] == {"max_steps": 7, "batch_size": 2} and pipe.sections["eval"] == {"num_prompts": 5}
+    base.write_text("output_dir: base\nsft:\n  max_steps: seven\n")
+    with pytest.raises(ConfigError, match=r"base.yaml:3 \[sft\]: key 'max_steps': expected int"):
+        load_pipeline(child)
+    # A packaged pipeline by name; a missing file, an unknown name and a cycle are one clear error each.
+    child.write_text("extends: demo-tiny\noutput_dir: child\nlora_r: 4\n")
+    assert load_pipeline(child).sections["ppo"]["max_steps"] == 4
+    for target, message in [("nothere.yaml", r"child.yaml:1: key 'extends': .*nothere.yaml: no such file"),
+                            ("demo-huge", r"child.yaml:1: key 'extends': unknown preset 'demo-huge'"),
+                            ("child.yaml", r"extends this file again \(a cycle\)")]:
+        child.write_text(f"extends: {target}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_pipeline(child)
+
+
+def test_a_pipeline_lora_rank_reaches_every_trained_stage_and_a_section_may_override_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("output_dir: x\nlora_r: 8\nstages: [sft, annotate, reward, ppo, dpo, grpo, rloo, eval]\n"
+                    "dpo: {lora_r: 0}\n")
+    pipe = load_pipeline(path)
+    ranks = {stage: getattr(stage_config(pipe, stage, {}), "lora_r", None) for stage in pipe.stages}
+    assert ranks == {"sft": 8, "annotate": None, "reward": 8, "ppo": 8, "dpo": 0, "grpo": 8, "rloo": 8, "eval": None}
+    path.write_text("output_dir: x\nstages: [sft, ppo]\n")
+    assert {stage_config(load_pipeline(path), s, {}).lora_r for s in ("sft", "ppo")} == {0}  # unset: full
+    assert stage_config(load_pipeline(path, {"lora_r": 16}), "ppo", {}).lora_r == 16  # `--lora-r 16`
+    # The LoRA demo: the demo's recipe with rank 16 everywhere and its own learning rates.
+    demo, lora = (load_pipeline(demo_path(p), {"output_dir": str(tmp_path)}) for p in ("default", "lora"))
+    assert lora.lora_r == 16 and lora.sections["ppo"]["max_steps"] == demo.sections["ppo"]["max_steps"]
+    for stage in ("sft", "reward", "ppo", "dpo", "grpo", "rloo"):
+        assert stage_config(lora, stage, {}).learning_rate > stage_config(demo, stage, {}).learning_rate, stage

@@ -66,17 +66,20 @@ def quiet_transformers() -> None:
 
 
 PIPELINE_USAGE = """usage: rlhfkit pipeline FILE.yaml [--output-dir DIR] [--seed N] [--model PATH] [--device auto|cpu|cuda|cuda:N|mps] [--mixed-precision auto|no|bf16|fp16]
-                        [--algos ppo,dpo,grpo,rloo] [--report-to tensorboard,mlflow,wandb,trackio]
-       rlhfkit demo [--preset tiny] [--output-dir DIR] [--seed N] [--device auto|cpu|cuda:N] [--mixed-precision auto|no|bf16|fp16] [--algos ...]
-                    [--report-to ...]
+                        [--algos ppo,dpo,grpo,rloo] [--report-to tensorboard,mlflow,wandb,trackio] [--lora-r N]
+       rlhfkit demo [--preset tiny|lora] [--output-dir DIR] [--seed N] [--device auto|cpu|cuda:N] [--mixed-precision auto|no|bf16|fp16] [--algos ...]
+                    [--report-to ...] [--lora-r N]
 
 Runs sft -> annotate -> reward -> ppo -> eval (of the starting and the trained policy) -> report.html.
 `--algos ppo,dpo,grpo` runs those fine-tuning stages instead (DPO on the annotated preferences, GRPO and RLOO
 against the reward model) and evaluates each on the same held-out prompts: the report puts them in one table
 and on one gold-vs-KL plot. `demo` runs the packaged pipeline on the embedded default (SmolLM2-135M-Instruct,
 chatterbot prompts, VADER as the gold judge); `--preset tiny` runs the same recipe on a tiny random model in
-about a minute. A finished stage is skipped when the same command is run again, so an interrupted pipeline
-continues (and `--algos` on a finished demo runs only the new stages)."""
+about a minute; `--preset lora` runs it with LoRA adapters (rank 16) in every trained stage, at learning rates
+for adapters. `--lora-r N` gives every trained stage that rank (with the file's learning rates). A pipeline
+file may start from another with `extends: demo` (a packaged one) or `extends: base.yaml`. A finished stage is
+skipped when the same command is run again, so an interrupted pipeline continues (and `--algos` on a finished
+demo runs only the new stages)."""
 
 
 def run_stage(stage: str, rest: list[str]):

@@ -371,6 +371,9 @@ class PipelineSettings:
     system_prompt: str | None = opt(None, "Every stage's system turn (see a stage's --help); unset: the chat "
                                     "template's own default.")
     kl_budget: float = opt(15.0, "Nats per response; the summary checks every trained policy against it.")
+    lora_r: int | None = opt(None, "LoRA rank of every trained stage (sft, reward, ppo, dpo, grpo, rloo) unless its "
+                             "section says otherwise; unset: each stage's own (0, full fine-tuning). LoRA usually "
+                             "wants larger learning rates: `rlhfkit demo --preset lora` has them.")
     keep_checkpoints: bool = opt(False, "Keep each finished stage's checkpoints/ (optimizer state included).")
     report_to: list[str] = opt([], "Experiment trackers of every stage unless its section says otherwise (see a "
                                "stage's --help); the pipeline's stages form one group or experiment.",

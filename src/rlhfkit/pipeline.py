@@ -10,6 +10,8 @@
     kl_budget: 15.0                # nats per response; the summary checks every trained policy against it
     keep_checkpoints: false        # true: keep each finished stage's checkpoints/ (optimizer state included)
     report_to: [tensorboard]       # optional: experiment trackers (tensorboard, mlflow, wandb, trackio), one group
+    lora_r: 16                     # optional: LoRA rank of every trained stage unless a section says otherwise
+    extends: demo                  # optional: start from a packaged pipeline or another file; this file's keys win
     stages: [sft, annotate, reward, ppo, eval]
     algos: [ppo, dpo, grpo]        # optional: the fine-tuning stages to run instead of those in `stages`
     sft: {max_steps: 40}           # any field of that stage's config
@@ -45,8 +47,9 @@ from rlhfkit.errors import ConfigError
 
 ALL_STAGES = ("sft", "annotate", "reward", "ppo", "dpo", "grpo", "rloo", "eval")
 ALGOS = ("ppo", "dpo", "grpo", "rloo")  # the fine-tuning stages: each yields a policy to evaluate
-# The file's top-level keys: PipelineSettings' fields (scalars, also flags) and the list of stages.
-TOP_LEVEL = (*PipelineSettings.__dataclass_fields__, "stages")
+# The file's top-level keys: PipelineSettings' fields (scalars, also flags), the list of stages, and the file it
+# extends (a file's key only: a flag already overrides whatever file it is given).
+TOP_LEVEL = (*PipelineSettings.__dataclass_fields__, "stages", "extends")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Pipeline:
     system_prompt: str | None = None
     kl_budget: float = 15.0
     keep_checkpoints: bool = False
+    lora_r: int | None = None  # every trained stage's LoRA rank unless its section says otherwise
     report_to: list[str] = field(default_factory=list)  # experiment trackers of every stage, as one group
     stages: list[str] = field(default_factory=lambda: ["sft", "annotate", "reward", "ppo", "eval"])
     sections: dict[str, dict] = field(default_factory=dict)
@@ -76,11 +80,52 @@ def _section_lines(path: Path) -> dict[str, dict[str, int]]:
     return lines
 
 
+def _extended_path(name: str, child: Path, where: str) -> Path:
+    """The file that `extends: NAME` names: a packaged pipeline (demo, demo-tiny, ...), else a path relative to
+    the file that says it."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: key 'extends': expected a packaged pipeline's name or a file's path, got {name!r}")
+    if "/" not in name and not name.endswith((".yaml", ".yml")):
+        try:
+            return preset_path(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: key 'extends': {exc}") from None
+    path = child.parent / name
+    if not path.is_file():
+        raise ConfigError(f"{where}: key 'extends': {path}: no such file")
+    return path
+
+
+def read_pipeline_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str], dict[str, dict]]:
+    """A pipeline file's values with what it `extends` filled in: (values, "file:line" of each top-level key,
+    "file:line [stage]" of each section key). The file's own keys win; a stage section is merged key by key,
+    so `ppo: {learning_rate: 3e-4}` changes that one setting of the extended file's PPO."""
+    values, lines = _yaml_mapping(path)
+    nested = _section_lines(path) if values else {}
+    top = {key: f"{path}:{lines[key]}" if key in lines else str(path) for key in values}
+    sections = {stage: {key: f"{path}:{line} [{stage}]" for key, line in keys.items()} for stage, keys in nested.items()}
+    if "extends" not in values:
+        return values, top, sections
+    parent = _extended_path(values.pop("extends"), path, top.pop("extends"))
+    if parent.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise ConfigError(f"{path}: key 'extends': {parent} extends this file again (a cycle)")
+    merged, merged_top, merged_sections = read_pipeline_file(parent, (*chain, path))
+    for key, value in values.items():
+        if key in ALL_STAGES and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+            merged_sections[key] = {**merged_sections.get(key, {}), **sections.get(key, {})}
+        else:
+            merged[key] = value
+            if key in sections:
+                merged_sections[key] = sections[key]
+        merged_top[key] = top[key]
+    return merged, merged_top, merged_sections
+
+
 def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     """Read and check a pipeline YAML file (top-level keys, stage names, every section key and value)."""
     path = Path(path)
-    values, lines = _yaml_mapping(path)
-    nested = _section_lines(path) if values else {}
+    values, top, section_where = read_pipeline_file(path)
     for key, value in (overrides or {}).items():  # flags (rlhfkit pipeline/demo --key value) win over the file
         if key not in PipelineSettings.__dataclass_fields__ or key == "stages":
             raise ConfigError(f"--{key.replace('_', '-')}: not a pipeline setting (use the YAML file's sections)")
@@ -90,14 +135,14 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
     pipe = Pipeline(output_dir=Path(PipelineSettings.output_dir))
     algos: list[str] = []
     for key, value in values.items():
-        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        where = top.get(key, str(path))  # a flag's value has no line
         if key in STAGES and key in ALL_STAGES:
             if value is None:
                 value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: key '{key}': expected a mapping of {key} settings")
             pipe.sections[key] = value
-            pipe.where[key] = {k: f"{path}:{nested.get(key, {}).get(k, lines.get(key, 1))} [{key}]" for k in value}
+            pipe.where[key] = {k: section_where.get(key, {}).get(k, f"{where} [{key}]") for k in value}
             continue
         if key not in TOP_LEVEL:
             raise ConfigError(f"{where}: unknown key '{key}' (pipeline keys: {', '.join(TOP_LEVEL)}, "
@@ -180,6 +225,8 @@ def stage_config(pipe: Pipeline, stage: str, wiring: dict, extra: dict | None = 
         values["gold_scorer"] = pipe.gold_scorer
     if pipe.system_prompt is not None:  # None: each stage keeps its own (by default the template's)
         values["system_prompt"] = pipe.system_prompt
+    if pipe.lora_r is not None and "lora_r" in fields:  # the trained stages
+        values["lora_r"] = pipe.lora_r
     values.update(wiring)
     values.update(extra or {})
     for key, value in pipe.sections.get(stage, {}).items():
@@ -285,4 +332,4 @@ def demo_path(preset: str | None) -> Path:
     try:
         return preset_path(name)
     except ConfigError:
-        raise ConfigError(f"unknown demo preset '{preset}' (known: default, tiny)") from None
+        raise ConfigError(f"unknown demo preset '{preset}' (known: default, tiny, lora)") from None

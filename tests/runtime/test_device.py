@@ -127,3 +127,28 @@ def test_module_device_of_a_reference_role_without_parameters_of_its_own():
     assert module_device(reference) == base.get_input_embeddings().weight.device == torch.device("cpu")
     assert module_device(torch.nn.Module()) == torch.device("cpu")
     assert device_module.stage_device(object()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("gpus, requested, device, backend", [(2, "auto", "cuda:1", "nccl"), (2, "cuda", "cuda:1", "nccl"),
+                                                              (0, "auto", "cpu", "gloo"), (2, "cpu", "cpu", "gloo")])
+def test_under_a_launcher_each_process_takes_its_local_gpu_and_nccl(fake_cuda, monkeypatch, capsys, gpus, requested,
+                                                                     device, backend):
+    """Process 1 of 2 (torchrun's environment): CUDA means the GPU of its LOCAL_RANK and the NCCL backend; the CPU
+    means gloo. The process group is joined once, with the timeout that stops a job whose peer died."""
+    fake_cuda(gpus)
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RLHFKIT_DIST_TIMEOUT_S", "42")
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda name, timeout: joined.append((name, timeout)))
+    config = type("Config", (), {"device": requested})()
+    assert resolve_device(config) == torch.device(device) and config.device == device
+    assert [(name, timeout.total_seconds()) for name, timeout in joined] == [(backend, 42.0)]
+    assert capsys.readouterr().out.startswith(f"device: {device}: ")
+
+
+def test_under_a_launcher_one_fixed_gpu_for_every_process_is_refused(fake_cuda, monkeypatch):
+    fake_cuda(2)
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="'cuda:0' would put all 2 processes on one GPU"):
+        resolve_device(type("Config", (), {"device": "cuda:0"})())

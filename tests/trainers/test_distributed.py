@@ -78,10 +78,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(args: list[str], nproc: int, tmp_path, timeout: int = 600, launcher: str = "torchrun"):
+def _run(args: list[str], nproc: int, tmp_path, timeout: int = 600, launcher: str = "torchrun",
+         path: tuple[str, ...] = (), env: dict | None = None):
+    """`python -m rlhfkit ARGS` in `nproc` processes under `launcher`; `path`: folders put first on PYTHONPATH."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reward functions: tests.*
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RLHFKIT_DIST_TIMEOUT_S="120",
-               PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RLHFKIT_DIST_TIMEOUT_S="120", **(env or {}),
+               PYTHONPATH=os.pathsep.join([*path, root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     if nproc == 1:
         command = [sys.executable]
     elif launcher == "torchrun":
@@ -314,6 +316,46 @@ def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     assert [s["response"] for s in first] == [s["response"] for s in second] and len(first) == 16
     assert [s["score"] for s in second] == pytest.approx([s["score"] for s in first], rel=1e-4, abs=1e-5)
     assert rows1[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6) and abs(rows1[-1]["objective/kl"]) > 1e-4  # the policy moved
+
+
+# Imported by every Python process started with its folder on PYTHONPATH: process 0 of a launched job samples EOS as
+# the first token of every response, whatever the model's logits say.
+EOS_ON_RANK_0 = """
+import os
+if os.environ.get("RANK") == "0":
+    import torch
+    from rlhfkit.rollout import generate
+    eos, real = int(os.environ["TEST_EOS_ID"]), generate.sample_from_logits
+    generate.sample_from_logits = lambda logits, *a, **k: torch.full_like(real(logits, *a, **k), eos)
+"""
+
+
+@pytest.mark.slow
+@PPO_TESTS
+@pytest.mark.parametrize("layout", ["2", "2-fsdp"])
+def test_a_process_whose_responses_all_end_at_once_does_not_hang_its_peer(ppo_run, tmp_path, layout):
+    """A forced uneven end of generation: process 0's responses all end at their first token (EOS), process 1's
+    run their 12 tokens. Process 0 finishes decoding first and must still meet its peer in every collective that
+    follows (the gathered experience, DDP's gradient reduce, FSDP's gathers and lockstep micro-batches), and the
+    run must end, within a timeout, with the lengths of both processes' responses in its metrics."""
+    from rlhfkit.models.loading import load_tokenizer
+
+    reference, settings, root = ppo_run(layout)
+    (tmp_path / "sitecustomize.py").write_text(EOS_ON_RANK_0)
+    n, launcher, extra = LAYOUTS[layout]
+    out = tmp_path / "uneven"
+    started = time.monotonic()
+    done = _run([*settings, *extra, "--output-dir", str(out)], n, root, timeout=300, launcher=launcher,
+                path=(str(tmp_path),), env={"TEST_EOS_ID": str(load_tokenizer("tiny").eos_token_id)})
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert time.monotonic() - started < 300
+    before, rows = _rows(reference)[0], _rows(out)
+    # Without the patch no response ends (the tiny model's 12 tokens, none of them EOS), so process 0's three
+    # responses are the ones that ended, one token each, and process 1's three keep their 12.
+    assert before["response/ended_fraction"] == 0 and before["response/length_mean"] == 12
+    assert rows[0]["response/ended_fraction"] == 0.5 and rows[0]["response/length_mean"] == (3 * 1 + 3 * 12) / 6
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and (out / "model.safetensors").is_file()
+    assert all(r["response/ended_fraction"] >= 0.5 for r in rows)
 
 
 @pytest.mark.slow

@@ -139,6 +139,35 @@ def test_a_lora_sft_folder_is_the_base_of_a_lora_ppo_run(tmp_path, reward_folder
         assert load_causal_lm(out)(input_ids=ids).logits.shape[-1] == load_causal_lm(sft).config.vocab_size
 
 
+def test_the_lora_demo_chain_sft_then_reward_then_ppo_holds_one_base(tmp_path, prompts, monkeypatch):
+    """`rlhfkit demo --preset lora`'s wiring: a LoRA reward model trained from the LoRA SFT folder starts from the
+    SFT weights (its adapter merged into the scalar-head model's trunk), and PPO on that SFT folder then scores
+    with it as a third adapter on the one base it holds."""
+    from rlhfkit.models.reward_model import load_reward_model
+    from rlhfkit.models.roles import Role
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}", "completion": f"A {i % 7}"} for i in range(16)])
+    sft = tmp_path / "sft"
+    run_sft(tiny_config("sft", data=data, output_dir=sft, max_steps=3, batch_size=4, learning_rate=1e-2,
+                        progress=False, save_every=0, **LORA))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        trunk = load_reward_model(sft, pad_token_id=0).model(input_ids=ids).last_hidden_state
+        merged = load_causal_lm(sft).model(input_ids=ids).last_hidden_state
+        base = load_causal_lm("tiny").model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(trunk, merged, rtol=0, atol=1e-5)
+    assert (merged - base).abs().max() > 1e-3  # the SFT adapter moved the trunk
+    rm = tmp_path / "rm"
+    run_reward(tiny_config("reward", model=sft, data=write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(24, seed=3)),
+                           output_dir=rm, max_steps=2, batch_size=4, learning_rate=1e-2, progress=False,
+                           save_every=0, **LORA))
+    seen = keep_ppo_models(monkeypatch)
+    run_ppo(tiny_config("ppo", model=sft, data=prompts, reward_model=rm, output_dir=tmp_path / "ppo", progress=False,
+                        max_steps=1, save_every=0, sample_every=0, **LORA))
+    models = seen["models"]
+    assert isinstance(models.reward.model, Role) and models.reward.model.shared_base is models.policy.shared_base
+
+
 def test_a_lora_reward_model_on_the_same_base_scores_as_a_third_adapter(tmp_path, prompts, monkeypatch):
     from rlhfkit.models.reward_model import load_reward_model, score_sequences
     from rlhfkit.models.roles import Role

@@ -151,9 +151,14 @@ def adapter_base(folder) -> str:
 
 def merge_adapter_folder(base_model, folder) -> torch.nn.Module:
     """`base_model` with the adapter of `folder` merged into its weights (W + (alpha/r) B A): a plain model again."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    peft_model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False)
+    settings = PeftConfig.from_pretrained(str(folder))
+    if settings.task_type == "CAUSAL_LM" and not hasattr(base_model, "prepare_inputs_for_generation"):
+        # An SFT adapter merged into a reward model's trunk (a reward stage started from a LoRA SFT folder): peft's
+        # causal-LM wrapper would need a generating model; the plain one applies the same layers.
+        settings.task_type = None
+    peft_model = PeftModel.from_pretrained(base_model, str(folder), config=settings, is_trainable=False)
     return peft_model.merge_and_unload()
 
 
