@@ -21,6 +21,9 @@ no evaluation or checkpoints. The first iteration warms up and is not timed.
 - `rlhfkit-lora`: rlhfkit with LoRA (`--lora-r`, every linear layer of the trunk): one frozen base serves as
   policy (adapter), reference (adapter off) and critic (second adapter + value head); the reward model is its
   own model. Compared with `rlhfkit` (full fine-tuning of policy and critic) in samples/s and peak memory.
+- `rlhfkit-lora-gc`: the same with gradient checkpointing: a micro-batch's activations are recomputed in the
+  backward instead of kept. With LoRA the backward computes no gradient for the base's weights, so the recompute
+  costs about what full fine-tuning's weight gradients cost.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def run_ours(args, rm_folder: Path, prompts: Path, work: Path) -> dict:
                      sample_every=0,
                      progress=False, critic_init="reward",
                      logprobs_from_sampling=args.system == "rlhfkit-sampled",
-                     lora_r=args.lora_r if args.system == "rlhfkit-lora" else 0, lora_alpha=2 * args.lora_r)
+                     lora_r=args.lora_r if args.system.startswith("rlhfkit-lora") else 0, lora_alpha=2 * args.lora_r,
+                     gradient_checkpointing=args.system.endswith("-gc"))
     config = build_config("ppo", overrides=[(k, str(v)) for k, v in overrides.items()])
     config.save_every = 10**9  # no checkpoint inside the timed window (the final one is written after it)
     run_ppo(config)
@@ -229,12 +233,13 @@ def main() -> None:
               f"{share('generate_s'):>9} {share('score_s'):>7} {share('train_s'):>7} {r['peak_rss_gb']:>12.2f}")
     by = {(r["model"], r["system"]): r for r in rows if "error" not in r}
     for model in args.models.split(","):
-        full, lora = by.get((model, "rlhfkit")), by.get((model, "rlhfkit-lora"))
-        if full and lora:
-            speed = (lora["samples"] / lora["seconds"]) / (full["samples"] / full["seconds"])
-            print(f"{model}: rlhfkit-lora (r={args.lora_r})/rlhfkit samples/s = {speed:.2f}x, peak memory "
-                  f"{lora['peak_rss_gb']:.2f} vs {full['peak_rss_gb']:.2f} GB "
-                  f"({100 * lora['peak_rss_gb'] / full['peak_rss_gb']:.0f}%)")
+        for name in ("rlhfkit-lora", "rlhfkit-lora-gc"):
+            full, lora = by.get((model, "rlhfkit")), by.get((model, name))
+            if full and lora:
+                speed = (lora["samples"] / lora["seconds"]) / (full["samples"] / full["seconds"])
+                print(f"{model}: {name} (r={args.lora_r})/rlhfkit samples/s = {speed:.2f}x, peak memory "
+                      f"{lora['peak_rss_gb']:.2f} vs {full['peak_rss_gb']:.2f} GB "
+                      f"({100 * lora['peak_rss_gb'] / full['peak_rss_gb']:.0f}%)")
         for mine in ("rlhfkit", "rlhfkit-sampled"):
             for other in ("trl", "trl-eager"):
                 ours, theirs = by.get((model, mine)), by.get((model, other))

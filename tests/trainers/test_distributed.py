@@ -197,12 +197,13 @@ def test_sft_on_two_processes_takes_the_steps_of_one_under_torchrun_and_accelera
 
 @pytest.mark.slow
 def test_reward_and_dpo_on_two_processes_take_the_steps_of_one(tmp_path):
+    """Under torchrun with DDP and with FSDP, and under `accelerate launch`."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(19, seed=3))
     common = ["--data", str(pairs), "--eval-fraction", "0", "--batch-size", "3", "--max-steps", "3",
               "--save-every", "0"]
     for stage, metric in (("reward", "reward/accuracy"), ("dpo", "dpo/margin")):
         (one, rows1), *others = _same_run_on_one_and_two(stage, common, tmp_path,
-                                                         launchers=("torchrun", "torchrun-fsdp"))
+                                                         launchers=("torchrun", "torchrun-fsdp", "accelerate"))
         for two, rows2 in others:
             _assert_same(one, two, rows1, rows2, ("loss", "grad_norm", metric))
 
@@ -291,14 +292,16 @@ def ppo_run(tmp_path_factory):
     rm = save_random_reward_model(root / "rm")
     settings = ["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data", str(prompts),
                 "--reward-model", str(rm), "--rollout-batch-size", "6", "--mini-batch-size", "3", "--max-steps", "4",
-                "--save-every", "2", "--sample-every", "1", "--gold-scorer", "tests.trainers.rewards:positional"]
+                "--save-every", "2", "--sample-every", "1", "--gold-scorer", "tests.trainers.rewards:positional",
+                # The adaptive KL controller, moved by up to 20% an iteration: it must see the global mean KL.
+                "--adaptive-kl", "true", "--kl-target", "0.002", "--kl-horizon", "6"]
     runs = _runs_by_layout(root, settings)
     return lambda layout: (runs(layout), settings, root)
 
 
 @pytest.mark.slow
 @PPO_TESTS
-@pytest.mark.parametrize("layout", ["2", "2-fsdp"])
+@pytest.mark.parametrize("layout", ["2", "2-fsdp", "2-accelerate"])
 def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     """6 prompts per iteration: each process samples and scores 3, seeded by their global index, so the
     responses are the very ones one process samples; GAE, whitening and the KL run on the gathered batch, and
@@ -309,8 +312,10 @@ def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     (one, *_), (two, *_) = ppo_run("1"), ppo_run(layout)
     rows1, rows2 = _rows(one), _rows(two)
     _assert_same(_weights(one), _weights(two), rows1, rows2, (
-        "objective/scores", "objective/kl", "objective/gold", "loss/policy", "loss/value", "grad_norm/policy",
-        "grad_norm/critic", "ppo/explained_variance", "response/length_mean"))
+        "objective/scores", "objective/kl", "objective/kl_coef", "objective/gold", "loss/policy", "loss/value",
+        "grad_norm/policy", "grad_norm/critic", "ppo/explained_variance", "response/length_mean"))
+    coefs = [r["objective/kl_coef"] for r in rows1]
+    assert len(set(coefs)) == len(coefs)  # the controller moved at every iteration
     _assert_same(_weights(one / "critic"), _weights(two / "critic"), [], [], (), heads_rtol=1e-3)
     first, second = _samples(one), _samples(two)
     assert [s["response"] for s in first] == [s["response"] for s in second] and len(first) == 16
@@ -365,21 +370,21 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
     share at all (it samples nothing, and takes part with zero gradients), and mini-batches of 1 leave one
     process idle in every optimizer step; it must neither hang nor change the step. Both again under FSDP,
     where the idle process still enters each rollout's gather and runs a stand-in micro-batch (timeout: 600 s
-    per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective)."""
+    per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective), and under `accelerate launch`."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}", "item": i}
                                                        for i in range(12)])
     common = ["--data", str(prompts), "--reward-function", "tests.trainers.rewards:aligned_tokens",
               "--max-steps", "3", "--save-every", "0", "--learning-rate", "1e-3", "--beta", "0.05"]
     (one, rows1), *others = _same_run_on_one_and_two(
         "grpo", [*common, "--prompts-per-step", "3", "--num-generations", "2", "--mini-batch-size", "6",
-                 "--num-iterations", "2"], tmp_path, launchers=("torchrun", "torchrun-fsdp"))
+                 "--num-iterations", "2"], tmp_path, launchers=("torchrun", "torchrun-fsdp", "accelerate"))
     for two, rows2 in others:
         _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "grpo/reward_mean",
                                               "grpo/reward_std_within_group", "grpo/frac_zero_std_groups",
                                               "loss/policy", "grad_norm/policy", "ppo/approx_kl"))
     (one, rows1), *others = _same_run_on_one_and_two(
         "rloo", [*common, "--prompts-per-step", "1", "--num-generations", "4", "--mini-batch-size", "1"], tmp_path,
-        launchers=("torchrun", "torchrun-fsdp"))
+        launchers=("torchrun", "torchrun-fsdp", "accelerate"))
     for two, rows2 in others:
         _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "loss/policy", "grad_norm/policy"))
 
@@ -388,7 +393,7 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
 def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
     """Each process samples and scores its share of the prompts (5 prompts: 3 and 2), every response from its
     own seed; the main process gathers and writes: the same files as one process, KL and proxy scores within
-    float32 rounding of the batch they were scored in."""
+    float32 rounding of the batch they were scored in; under torchrun and under `accelerate launch`."""
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.models.tiny import build_tiny_model
 
@@ -399,25 +404,27 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
     rm = save_random_reward_model(tmp_path / "rm")  # a saved head (a missing one is drawn afresh at each load)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {w}"} for w in "abcde"])
     outs = {}
-    for n in (1, 2):
+    for n, launcher in ((1, None), (2, "torchrun"), (2, "accelerate")):
         for stage, settings in (
                 ("annotate", ["--responses-per-prompt", "3", "--num-prompts", "5", "--batch-size", "4",
                               "--gold-scorer", "tests.annotate.gold_len:score"]),
                 ("eval", ["--ref-model", str(other), "--reward-model", str(rm), "--samples-per-prompt", "2",
                           "--max-new-tokens", "8", "--best-of-n", "2", "--batch-size", "3"])):
-            out = outs[stage, n] = tmp_path / f"{stage}-{n}"
+            out = outs[stage, launcher] = tmp_path / f"{stage}-{n}-{launcher}"
             done = _run([stage, "--preset", "tiny", "--mixed-precision", "no", "--data", str(prompts),
-                         "--output-dir", str(out), "--progress", "false", *settings], n, tmp_path, timeout=300)
+                         "--output-dir", str(out), "--progress", "false", *settings], n, tmp_path, timeout=300,
+                        launcher=launcher)
             assert done.returncode == 0, f"{stage} on {n}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
             assert done.stdout.count("device: ") == n
-    for name in ("rankings.jsonl", "preferences.jsonl", "gold_scores.jsonl"):
-        assert (outs["annotate", 2] / name).read_text() == (outs["annotate", 1] / name).read_text(), name
-    one, two = (json.loads((outs["eval", n] / "eval.json").read_text()) for n in (1, 2))
-    assert two.keys() == one.keys() and two["n"] == one["n"] == 10
-    for key in one:
-        if key.endswith("_mean"):
-            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
-    assert [row["n"] for row in two["best_of_n"]] == [1, 2]
+    for launcher in ("torchrun", "accelerate"):
+        for name in ("rankings.jsonl", "preferences.jsonl", "gold_scores.jsonl"):
+            assert (outs["annotate", launcher] / name).read_text() == (outs["annotate", None] / name).read_text(), name
+        one, two = (json.loads((outs["eval", key] / "eval.json").read_text()) for key in (None, launcher))
+        assert two.keys() == one.keys() and two["n"] == one["n"] == 10
+        for key in one:
+            if key.endswith("_mean"):
+                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), (launcher, key)
+        assert [row["n"] for row in two["best_of_n"]] == [1, 2]
     for a, b in zip(one["best_of_n"], two["best_of_n"]):
         assert b["gold_reward_mean"] == pytest.approx(a["gold_reward_mean"], rel=1e-6)
     rows = [[json.loads(x) for x in (outs["eval", n] / "samples.jsonl").read_text().splitlines()] for n in (1, 2)]
@@ -428,15 +435,16 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
 
 @pytest.mark.slow
 @PPO_TESTS
-@pytest.mark.parametrize("then", ["2-fsdp", "1"])
-def test_ppo_resumes_from_a_sharded_checkpoint(ppo_run, tmp_path, then):
+@pytest.mark.parametrize("first,then", [("2-fsdp", "2-fsdp"), ("2-fsdp", "1"), ("1", "2")])
+def test_ppo_resumes_on_the_same_or_another_number_of_processes(ppo_run, tmp_path, first, then):
     """An FSDP run's checkpoint holds policy, critic and both optimizers sharded (torch.distributed.checkpoint):
     resumed on the same layout it ends bit for bit where the uninterrupted run ends, with the same samples; on
-    one process, within rounding of it."""
-    uninterrupted, settings, root = ppo_run("2-fsdp")
+    one process, within rounding of it. A one-process run's checkpoint resumes on two processes (DDP), within
+    rounding."""
+    uninterrupted, settings, root = ppo_run(first)
     cut = tmp_path / "cut"
     shutil.copytree(uninterrupted, cut)
-    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir()
+    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == first.endswith("fsdp")
     shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
     n, _, extra = LAYOUTS[then]
     done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, root)

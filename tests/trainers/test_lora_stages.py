@@ -13,6 +13,7 @@ from rlhfkit.runtime.metrics_log import read_metrics
 from rlhfkit.trainers.dpo import run_dpo
 from rlhfkit.trainers.grpo import run_grpo
 from rlhfkit.trainers.ppo import PPO, run_ppo
+from rlhfkit.trainers.ppo_models import load_ppo_models
 from rlhfkit.trainers.reward import run_reward
 from rlhfkit.trainers.sft import run_sft
 
@@ -74,7 +75,8 @@ def test_supervised_stages_with_lora_resume_exactly(tmp_path, monkeypatch, stage
         assert any("score" in k for k in load_file(tmp_path / "crashed" / "adapter_model.safetensors"))
 
 
-def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, reward_folder, prompts, monkeypatch):
+def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, reward_folder, prompts, monkeypatch,
+                                                                   capsys):
     """The tiny model's logits are nearly uniform (random embeddings of std 0.02 behind a frozen final norm), so
     an adapter can barely sharpen them and a learning curve would say nothing; the role tests
     (tests/models/test_lora.py) show each role's gradients are a separate model's. Here: one base, frozen,
@@ -83,6 +85,8 @@ def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, rew
     out = tmp_path / "ppo"
     run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
                         max_steps=3, learning_rate=1e-2, save_every=0, sample_every=0, **LORA))
+    # A full reward model cannot start a LoRA critic (critic_init: reward, the default): one line says so.
+    assert "critic: a fresh adapter and value head on the policy's base" in capsys.readouterr().out
     models = seen["models"]
     # Policy, reference and critic are one base: the same tensors, not copies.
     base = models.policy.shared_base
@@ -166,6 +170,16 @@ def test_the_lora_demo_chain_sft_then_reward_then_ppo_holds_one_base(tmp_path, p
                         max_steps=1, save_every=0, sample_every=0, **LORA))
     models = seen["models"]
     assert isinstance(models.reward.model, Role) and models.reward.model.shared_base is models.policy.shared_base
+    # The critic started as the reward model (critic_init: reward): its adapter and head are the reward's, and
+    # they train while the reward's stay frozen.
+    fresh = load_ppo_models(tiny_config("ppo", model=sft, data=prompts, reward_model=rm, device="cpu", **LORA))
+    layers = lora_layers(fresh.policy.shared_base)
+    for layer in layers:
+        for kind in ("lora_A", "lora_B"):
+            critic, reward = getattr(layer, kind)["critic"].weight, getattr(layer, kind)["reward"].weight
+            assert torch.equal(critic, reward) and critic.requires_grad and not reward.requires_grad
+    assert torch.equal(fresh.critic.score.weight, fresh.reward.model.score.weight)
+    assert any(getattr(layer, "lora_B")["reward"].weight.abs().max() > 0 for layer in layers)  # trained, not zero
 
 
 def test_a_lora_reward_model_on_the_same_base_scores_as_a_third_adapter(tmp_path, prompts, monkeypatch):

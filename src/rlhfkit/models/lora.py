@@ -175,11 +175,11 @@ def load_adapter_weights(model, name: str, folder) -> None:
         raise ValueError(f"{folder}: adapter weights that match no layer: {unexpected[:3]}")
 
 
-def attach_adapter_folder(model, folder, name: str) -> dict[str, torch.Tensor]:
-    """Load the adapter of `folder` onto `model` as one more adapter `name` (frozen), and return the tensors it
-    carries beyond the adapter, by module path (a reward model's `score.weight`). A reward model trained with
-    LoRA on the policy's base thus scores on that same base: its trunk adapter fits the causal LM's trunk,
-    whose modules have the same paths."""
+def attach_adapter_folder(model, folder, name: str, trainable: bool = False) -> dict[str, torch.Tensor]:
+    """Load the adapter of `folder` onto `model` as one more adapter `name` (frozen unless `trainable`), and
+    return the tensors it carries beyond the adapter, by module path (a reward model's `score.weight`). A reward
+    model trained with LoRA on the policy's base thus scores on that same base: its trunk adapter fits the
+    causal LM's trunk, whose modules have the same paths."""
     from peft import LoraConfig
     from safetensors.torch import load_file
 
@@ -194,5 +194,5 @@ def attach_adapter_folder(model, folder, name: str) -> dict[str, torch.Tensor]:
     set_peft_model_state_dict(model, {k: v for k, v in state.items() if k not in extra}, adapter_name=name)
     for key, param in model.named_parameters():
         if f".{name}." in key:
-            param.requires_grad_(False)
+            param.requires_grad_(trainable)
     return extra

@@ -78,28 +78,45 @@ def full_models(config: PPOConfig, tokenizer):
 def lora_roles(config: PPOConfig):
     """One frozen base for three roles: the policy (adapter "policy"), the reference (adapters off, so exactly
     the starting weights: a LoRA-trained SFT folder is merged into the base on load) and the critic (adapter
-    "critic" plus a fresh value head, initialised like transformers' scalar heads)."""
+    "critic" plus a value head). With `critic_init: reward` and a reward model trained with LoRA on this same
+    base, the critic starts as that reward model (its adapter and score head, trained from there on), as a full
+    critic starts as a copy of the reward model; otherwise its adapter is fresh and its head is initialised like
+    transformers' scalar heads."""
     if config.ref_model and config.ref_model != config.model:
         raise UserError("--ref-model: with LoRA the reference is the policy's base with its adapter off; "
                         "drop --ref-model, or train in full (--lora-r 0)")
     base = load_causal_lm(config.model, config.dtype, config.trust_remote_code, config.attn_implementation,
                           config.device)
-    for name in ("policy", "critic"):
-        with_lora(base, config, name)
-    set_gradient_checkpointing(base, config.gradient_checkpointing)
+    with_lora(base, config, "policy")
     weight = base.get_input_embeddings().weight
-    # Drawn on the CPU and then moved, so that a seed gives the same head on every device.
-    head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=weight.dtype)
-    torch.nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
+    if config.critic_init == "reward" and reward_shares_base(config):
+        extra = lora.attach_adapter_folder(base, config.reward_model, "critic", trainable=True)
+        head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(extra["score.weight"])
+    else:
+        with_lora(base, config, "critic")
+        # Drawn on the CPU and then moved, so that a seed gives the same head on every device.
+        head = torch.nn.Linear(base.config.hidden_size, 1, bias=False, dtype=weight.dtype)
+        torch.nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
+        if config.critic_init == "reward":
+            print(f"critic: a fresh adapter and value head on the policy's base ({config.reward_model} was not "
+                  f"trained with LoRA on it, so the critic cannot start as the reward model)")
     head.to(weight.device)
+    set_gradient_checkpointing(base, config.gradient_checkpointing)
     return Role(base, "policy"), Role(base, None), Role(base, "critic", score=head)
+
+
+def reward_shares_base(config: PPOConfig) -> bool:
+    """Whether the reward model is a LoRA adapter trained on the policy's own base (`config.model`)."""
+    return (lora.is_adapter_folder(config.reward_model)
+            and str(Path(lora.adapter_base(config.reward_model)).resolve()) == base_path(config))
 
 
 def shared_reward_scorer(config: PPOConfig, base, tokenizer) -> RewardScorer | None:
     """A reward model trained with LoRA on the policy's own base scores on that base: a third, frozen adapter
     "reward" plus its score head. None when the reward model is a full model or has another base."""
-    if not (lora.is_adapter_folder(config.reward_model)
-            and str(Path(lora.adapter_base(config.reward_model)).resolve()) == base_path(config)):
+    if not reward_shares_base(config):
         return None
     extra = lora.attach_adapter_folder(base, config.reward_model, "reward")
     weight = base.get_input_embeddings().weight
