@@ -425,12 +425,13 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
             if key.endswith("_mean"):
                 assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), (launcher, key)
         assert [row["n"] for row in two["best_of_n"]] == [1, 2]
-    for a, b in zip(one["best_of_n"], two["best_of_n"]):
-        assert b["gold_reward_mean"] == pytest.approx(a["gold_reward_mean"], rel=1e-6)
-    rows = [[json.loads(x) for x in (outs["eval", n] / "samples.jsonl").read_text().splitlines()] for n in (1, 2)]
-    for field in ("response", "reference_response", "gold"):
-        assert [r[field] for r in rows[1]] == [r[field] for r in rows[0]], field
-    assert [r["proxy"] for r in rows[1]] == pytest.approx([r["proxy"] for r in rows[0]], rel=1e-4, abs=1e-5)
+        for a, b in zip(one["best_of_n"], two["best_of_n"]):
+            assert b["gold_reward_mean"] == pytest.approx(a["gold_reward_mean"], rel=1e-6)
+        rows = [[json.loads(x) for x in (outs["eval", key] / "samples.jsonl").read_text().splitlines()]
+                for key in (None, launcher)]
+        for field in ("response", "reference_response", "gold"):
+            assert [r[field] for r in rows[1]] == [r[field] for r in rows[0]], (launcher, field)
+        assert [r["proxy"] for r in rows[1]] == pytest.approx([r["proxy"] for r in rows[0]], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
