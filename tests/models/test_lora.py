@@ -170,3 +170,35 @@ def test_a_broken_adapter_folder_is_one_clear_error(tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot apply the LoRA adapter"):
         load_causal_lm(tmp_path / "a")
+
+
+def test_a_base_stored_in_bf16_gives_bitwise_the_same_roles_under_autocast():
+    """Under bf16 autocast a frozen fp32 weight is rounded to bf16 at every forward; storing the base layers in
+    bf16 once (models.precision.store_lora_base_in_bf16, which with_lora applies under bf16) rounds them the same
+    way, so every role's outputs and the adapters' gradients are bit for bit those of the fp32-stored base."""
+    import copy
+
+    from rlhfkit.models.precision import store_lora_base_in_bf16
+
+    kept, *roles_kept = shared_base()
+    stored = copy.deepcopy(kept)
+    store_lora_base_in_bf16(stored)
+    q_proj = stored.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["policy"].weight.dtype == torch.float32
+    assert stored.get_input_embeddings().weight.dtype == torch.float32 == stored.lm_head.weight.dtype
+    roles_stored = [Role(stored, "policy"), Role(stored, None), Role(stored, "critic", score=roles_kept[2].score)]
+    ids, mask, positions, _ = batch()
+    for base, roles in ((kept, roles_kept), (stored, roles_stored)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = [roles[0](input_ids=ids, attention_mask=mask, position_ids=positions).logits,
+                       roles[1](input_ids=ids, attention_mask=mask, position_ids=positions).logits,
+                       roles[2](input_ids=ids, attention_mask=mask, position_ids=positions).logits]
+        sum(o.float().square().mean() for o in outputs).backward()
+        base.outputs = outputs
+    for a, b in zip(kept.outputs, stored.outputs):
+        assert torch.equal(a, b)
+    grads = {k: p.grad for k, p in kept.named_parameters() if p.grad is not None}
+    assert len(grads) > 0 and grads.keys() == {k for k, p in stored.named_parameters() if p.grad is not None}
+    for key, param in stored.named_parameters():
+        if key in grads:
+            assert torch.equal(param.grad, grads[key]), key

@@ -88,6 +88,22 @@ def test_lora_ppo_keeps_one_base_for_three_roles():
     assert wl.role("reward model") is not base and len(wl.weights) == 2
 
 
+def test_a_lora_base_is_planned_with_bf16_linears_under_bf16_unless_fsdp_shards_it():
+    """As models/precision.store_lora_base_in_bf16 stores it: the blocks' linear layers in 2 bytes under bf16
+    (an A100), all of it fp32 in fp32 (a CPU) and under FSDP; the adapters fp32 either way."""
+    from rlhfkit.plan import memory as mem
+    from rlhfkit.plan.layout import trainable_params, weight_bytes
+
+    wl, a100, cpu = workload(lora_r=16), parse_devices("1xA100-80GB")[0], parse_devices("cpu:24GB")[0]
+    base = wl.role("policy")
+    adapters = trainable_params(base, wl) * 4
+    full = mem.weight_bytes(base.shape, True, 4)
+    assert weight_bytes(base, wl, cpu) == full + adapters
+    assert weight_bytes(base, wl, a100) == full - mem.block_linear_params(base.shape) * 2 + adapters
+    sharded = replace(wl, knobs=replace(wl.knobs, layout="fsdp"))
+    assert weight_bytes(base, sharded, a100) == full + adapters
+
+
 def test_grpo_without_beta_loads_no_reference():
     config = build_config("grpo", preset="tiny", overrides={"reward_function": "m:f"})
     wl = build_workload("grpo", config)

@@ -108,6 +108,27 @@ def test_ppo_with_lora_holds_one_base_and_trains_only_the_adapters(tmp_path, rew
     assert not lora_layers(load_causal_lm(out))
 
 
+def test_lora_ppo_under_bf16_keeps_its_base_in_bf16_and_starts_at_the_reference(tmp_path, reward_folder, prompts,
+                                                                               monkeypatch):
+    """Under bf16 autocast the one base of a LoRA PPO run is stored in bf16 (bitwise what autocast computes with:
+    tests/models/test_lora.py); the adapters, the value head, embeddings and LM head stay fp32. The policy's
+    adapter starts at zero, so the first iteration's KL to the reference (the same base, adapters off) is 0, and
+    its one update sees a ratio of exactly 1 (nothing clipped)."""
+    seen = keep_ppo_models(monkeypatch)
+    out = tmp_path / "ppo"
+    run_ppo(tiny_config("ppo", data=prompts, reward_model=reward_folder, output_dir=out, progress=False,
+                        max_steps=2, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-2,
+                        mixed_precision="bf16", save_every=0, sample_every=0, **LORA))
+    base = seen["models"].policy.shared_base
+    layer = base.model.layers[0].mlp.down_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert {layer.lora_A["policy"].weight.dtype, layer.lora_B["critic"].weight.dtype, base.lm_head.weight.dtype,
+            seen["models"].critic.score.weight.dtype} == {torch.float32}
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0]["objective/kl"] == 0.0 and rows[0]["ppo/clipfrac"] == 0.0
+    assert abs(rows[1]["objective/kl"]) > 0  # the policy's adapter moved it
+
+
 def test_ppo_with_lora_resumes_exactly(tmp_path, monkeypatch, reward_folder, prompts):
     common = dict(data=prompts, reward_model=reward_folder, progress=False, max_steps=4, save_every=2,
                   sample_every=0, keep_last_n=0, learning_rate=1e-3, **LORA)

@@ -65,8 +65,14 @@ def add_adapter(model, settings, name: str) -> None:
     with warnings.catch_warnings():  # peft warns that a second adapter on one model is unusual: it is our design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(settings, model, adapter_name=name)
+    # peft gives a new adapter its base layer's dtype: a base stored in bf16 (models.precision.
+    # store_lora_base_in_bf16) would make a later adapter bf16. Adapters keep the model's own dtype (that of its
+    # embeddings): fp32 weights for AdamW, as the first adapter has.
+    dtype = model.get_input_embeddings().weight.dtype
     for module_name, param in model.named_parameters():
         if f".{name}." in module_name or module_name.endswith(f".{name}"):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
             param.requires_grad_(True)
     # A newly injected adapter becomes peft's active one: put the first one back as the default path.
     activate(model, before)

@@ -27,6 +27,25 @@ def store_linears_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def store_lora_base_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """For a model trained through LoRA adapters under bf16 autocast: the frozen base layers under the adapters
+    (each adapter's `base_layer`, an `nn.Linear`) keep their weights in bf16 once; the adapters, heads,
+    embeddings and norms stay fp32.
+
+    Results are bitwise unchanged, for the reason `store_linears_in_bf16` gives: every forward of the base runs
+    under autocast, which rounds a frozen fp32 weight to bf16 exactly so, and casts it again at every forward
+    (it caches casts only for weights that require grad). The base is also what every role of a LoRA PPO run
+    shares (policy, reference, critic, a LoRA reward model): half its memory, and no cast per forward.
+    """
+    from rlhfkit.models.lora import lora_layers
+
+    for layer in lora_layers(model):
+        base = layer.get_base_layer()
+        if isinstance(base, torch.nn.Linear) and not base.weight.requires_grad:
+            base.to(torch.bfloat16)
+    return model
+
+
 @contextlib.contextmanager
 def bf16_weights(model: torch.nn.Module):
     """Run `model` in plain bf16, without autocast, for inference (sampling); its fp32 weights come back exactly.

@@ -15,6 +15,7 @@ import torch
 
 from rlhfkit.runtime.distributed import processes
 from rlhfkit.models import lora
+from rlhfkit.models.precision import store_lora_base_in_bf16
 from rlhfkit.models.roles import Role
 from rlhfkit.runtime.checkpoint import load_model_weights
 from rlhfkit.runtime.output_dir import save_hf_folder
@@ -70,9 +71,14 @@ def uses_lora(config) -> bool:
 
 def with_lora(model, config, name: str = "default", score_head: bool = False):
     """`model` with a fresh LoRA adapter `name` when the config asks for LoRA (its base then frozen); as it is
-    otherwise. `score_head`: a reward model's scalar head trains in full and is saved with the adapter."""
+    otherwise. `score_head`: a reward model's scalar head trains in full and is saved with the adapter.
+    Under bf16 autocast the frozen base layers are stored in bf16 (models.precision.store_lora_base_in_bf16),
+    except when FSDP will shard the model: it gathers a layer's weights and adapters as one group."""
     if uses_lora(config):
         lora.add_adapter(model, lora.lora_config(config, score_head=score_head), name)
+        fsdp = getattr(config, "distributed", "ddp") == "fsdp" and processes().many
+        if getattr(config, "mixed_precision", "no") == "bf16" and not fsdp:
+            store_lora_base_in_bf16(model)
     return model
 
 

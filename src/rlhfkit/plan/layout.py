@@ -82,14 +82,22 @@ def param_bytes(ws: WeightSet, wl: Workload) -> int:
     return wl.dtype_bytes if ws.trained == "full" else 4
 
 
+def linears_in_bf16(ws: WeightSet, wl: Workload, device: Device) -> bool:
+    """Whether rlhfkit stores the frozen linear layers of this weight set in bf16 (under bf16, not fp16): a frozen
+    model's (models/precision.store_linears_in_bf16), and a LoRA base's unless FSDP shards it
+    (store_lora_base_in_bf16)."""
+    if compute_mode(wl.mixed_precision, device) != "bf16" or wl.dtype_bytes == 2:
+        return False
+    return ws.trained == "frozen" or (ws.trained == "lora" and wl.knobs.layout != "fsdp")
+
+
 def weight_bytes(ws: WeightSet, wl: Workload, device: Device) -> int:
     if ws.trained == "full":
         return mem.weight_bytes(ws.shape, ws.lm_head, wl.dtype_bytes)
     if wl.knobs.frozen_half:
         base = mem.weight_bytes(ws.shape, ws.lm_head, 2)
-    else:  # under bf16 rlhfkit keeps frozen models' linear layers in bf16 (store_linears_in_bf16); not under fp16
-        bf16 = compute_mode(wl.mixed_precision, device) == "bf16"
-        base = mem.weight_bytes(ws.shape, ws.lm_head, wl.dtype_bytes, half_linears=bf16 and ws.trained == "frozen")
+    else:
+        base = mem.weight_bytes(ws.shape, ws.lm_head, wl.dtype_bytes, half_linears=linears_in_bf16(ws, wl, device))
     return base + trainable_params(ws, wl) * 4
 
 
@@ -99,6 +107,8 @@ def fp32_bytes(ws: WeightSet, wl: Workload, device: Device) -> int:
         return weight_bytes(ws, wl, device) if wl.dtype_bytes == 4 else 0
     if wl.knobs.frozen_half or wl.dtype_bytes == 2:
         return trainable_params(ws, wl) * 4  # only the adapters
+    if linears_in_bf16(ws, wl, device):  # the linear layers are bf16 already
+        return weight_bytes(ws, wl, device) - mem.block_linear_params(ws.shape) * 2
     return weight_bytes(ws, wl, device)
 
 

@@ -63,8 +63,13 @@ def weight_bytes(shape: ModelShape, lm_head: bool, dtype_bytes: int, half_linear
     total = shape.params if lm_head else shape.trunk_params + shape.scalar_head_params()
     if not half_linears or dtype_bytes == 2:
         return total * dtype_bytes
-    linear = shape.layers * (shape.layer_linear_params() + _linear_bias_params(shape))
+    linear = block_linear_params(shape)
     return linear * 2 + (total - linear) * FP32
+
+
+def block_linear_params(shape: ModelShape) -> int:
+    """Weights and biases of every block's linear layers (what half_linears stores in 2 bytes)."""
+    return shape.layers * (shape.layer_linear_params() + _linear_bias_params(shape))
 
 
 def _linear_bias_params(shape: ModelShape) -> int:
