@@ -139,7 +139,7 @@ def test_a_pipeline_file_extends_another_and_its_keys_win_section_key_by_key(tmp
     # A key of either file is reported at its own file and line.
     with pytest.raises(ConfigError, match=r"child.yaml:5 \[sft\]: unknown key 'learning_rat'"):
         load_pipeline(child)
-    child.write_text("extends: ../base.yaml\noutput_dir: child\nsft:\n  batch_size: 2\n")
+    child.write_text("extends: ../base.yaml\noutput_dir: child\nsft:\n  batch_size: 2\neval:\n")
     pipe = load_pipeline(child)
     assert (str(pipe.output_dir), pipe.seed, pipe.stages) == ("child", 3, ["sft", "eval"])
     assert pipe.sections["sft"] == {"max_steps": 7, "batch_size": 2} and pipe.sections["eval"] == {"num_prompts": 5}

@@ -111,8 +111,8 @@ def read_pipeline_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, 
         raise ConfigError(f"{path}: key 'extends': {parent} extends this file again (a cycle)")
     merged, merged_top, merged_sections = read_pipeline_file(parent, (*chain, path))
     for key, value in values.items():
-        if key in ALL_STAGES and isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+        if key in ALL_STAGES and isinstance(value, (dict, type(None))) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **(value or {})}  # an empty section changes nothing
             merged_sections[key] = {**merged_sections.get(key, {}), **sections.get(key, {})}
         else:
             merged[key] = value

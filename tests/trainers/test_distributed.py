@@ -197,13 +197,14 @@ def test_sft_on_two_processes_takes_the_steps_of_one_under_torchrun_and_accelera
 
 @pytest.mark.slow
 def test_reward_and_dpo_on_two_processes_take_the_steps_of_one(tmp_path):
-    """Under torchrun with DDP and with FSDP, and under `accelerate launch`."""
+    """With DDP (reward under torchrun, DPO under `accelerate launch`: the launchers differ only in how they
+    start the processes, so CI runs each stage under one of them) and with FSDP."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(19, seed=3))
     common = ["--data", str(pairs), "--eval-fraction", "0", "--batch-size", "3", "--max-steps", "3",
               "--save-every", "0"]
-    for stage, metric in (("reward", "reward/accuracy"), ("dpo", "dpo/margin")):
+    for stage, metric, launcher in (("reward", "reward/accuracy", "torchrun"), ("dpo", "dpo/margin", "accelerate")):
         (one, rows1), *others = _same_run_on_one_and_two(stage, common, tmp_path,
-                                                         launchers=("torchrun", "torchrun-fsdp", "accelerate"))
+                                                         launchers=(launcher, "torchrun-fsdp"))
         for two, rows2 in others:
             _assert_same(one, two, rows1, rows2, ("loss", "grad_norm", metric))
 
@@ -301,7 +302,7 @@ def ppo_run(tmp_path_factory):
 
 @pytest.mark.slow
 @PPO_TESTS
-@pytest.mark.parametrize("layout", ["2", "2-fsdp", "2-accelerate"])
+@pytest.mark.parametrize("layout", ["2", "2-fsdp"])
 def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     """6 prompts per iteration: each process samples and scores 3, seeded by their global index, so the
     responses are the very ones one process samples; GAE, whitening and the KL run on the gathered batch, and
@@ -370,21 +371,22 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
     share at all (it samples nothing, and takes part with zero gradients), and mini-batches of 1 leave one
     process idle in every optimizer step; it must neither hang nor change the step. Both again under FSDP,
     where the idle process still enters each rollout's gather and runs a stand-in micro-batch (timeout: 600 s
-    per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective), and under `accelerate launch`."""
+    per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective). GRPO is launched with torchrun, RLOO with
+    `accelerate launch`."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}", "item": i}
                                                        for i in range(12)])
     common = ["--data", str(prompts), "--reward-function", "tests.trainers.rewards:aligned_tokens",
               "--max-steps", "3", "--save-every", "0", "--learning-rate", "1e-3", "--beta", "0.05"]
     (one, rows1), *others = _same_run_on_one_and_two(
         "grpo", [*common, "--prompts-per-step", "3", "--num-generations", "2", "--mini-batch-size", "6",
-                 "--num-iterations", "2"], tmp_path, launchers=("torchrun", "torchrun-fsdp", "accelerate"))
+                 "--num-iterations", "2"], tmp_path, launchers=("torchrun", "torchrun-fsdp"))
     for two, rows2 in others:
         _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "grpo/reward_mean",
                                               "grpo/reward_std_within_group", "grpo/frac_zero_std_groups",
                                               "loss/policy", "grad_norm/policy", "ppo/approx_kl"))
     (one, rows1), *others = _same_run_on_one_and_two(
         "rloo", [*common, "--prompts-per-step", "1", "--num-generations", "4", "--mini-batch-size", "1"], tmp_path,
-        launchers=("torchrun", "torchrun-fsdp", "accelerate"))
+        launchers=("accelerate", "torchrun-fsdp"))
     for two, rows2 in others:
         _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "loss/policy", "grad_norm/policy"))
 
@@ -393,7 +395,8 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
 def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
     """Each process samples and scores its share of the prompts (5 prompts: 3 and 2), every response from its
     own seed; the main process gathers and writes: the same files as one process, KL and proxy scores within
-    float32 rounding of the batch they were scored in; under torchrun and under `accelerate launch`."""
+    float32 rounding of the batch they were scored in. Annotate is launched with torchrun, eval with
+    `accelerate launch`."""
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.models.tiny import build_tiny_model
 
@@ -404,34 +407,33 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
     rm = save_random_reward_model(tmp_path / "rm")  # a saved head (a missing one is drawn afresh at each load)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {w}"} for w in "abcde"])
     outs = {}
-    for n, launcher in ((1, None), (2, "torchrun"), (2, "accelerate")):
-        for stage, settings in (
-                ("annotate", ["--responses-per-prompt", "3", "--num-prompts", "5", "--batch-size", "4",
-                              "--gold-scorer", "tests.annotate.gold_len:score"]),
-                ("eval", ["--ref-model", str(other), "--reward-model", str(rm), "--samples-per-prompt", "2",
-                          "--max-new-tokens", "8", "--best-of-n", "2", "--batch-size", "3"])):
-            out = outs[stage, launcher] = tmp_path / f"{stage}-{n}-{launcher}"
+    launched_by = {"annotate": "torchrun", "eval": "accelerate"}  # one launcher each: they differ only in the start
+    for stage, settings in (
+            ("annotate", ["--responses-per-prompt", "3", "--num-prompts", "5", "--batch-size", "4",
+                          "--gold-scorer", "tests.annotate.gold_len:score"]),
+            ("eval", ["--ref-model", str(other), "--reward-model", str(rm), "--samples-per-prompt", "2",
+                      "--max-new-tokens", "8", "--best-of-n", "2", "--batch-size", "3"])):
+        for n in (1, 2):
+            out = outs[stage, n] = tmp_path / f"{stage}-{n}"
             done = _run([stage, "--preset", "tiny", "--mixed-precision", "no", "--data", str(prompts),
                          "--output-dir", str(out), "--progress", "false", *settings], n, tmp_path, timeout=300,
-                        launcher=launcher)
+                        launcher=launched_by[stage])
             assert done.returncode == 0, f"{stage} on {n}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
             assert done.stdout.count("device: ") == n
-    for launcher in ("torchrun", "accelerate"):
-        for name in ("rankings.jsonl", "preferences.jsonl", "gold_scores.jsonl"):
-            assert (outs["annotate", launcher] / name).read_text() == (outs["annotate", None] / name).read_text(), name
-        one, two = (json.loads((outs["eval", key] / "eval.json").read_text()) for key in (None, launcher))
-        assert two.keys() == one.keys() and two["n"] == one["n"] == 10
-        for key in one:
-            if key.endswith("_mean"):
-                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), (launcher, key)
-        assert [row["n"] for row in two["best_of_n"]] == [1, 2]
-        for a, b in zip(one["best_of_n"], two["best_of_n"]):
-            assert b["gold_reward_mean"] == pytest.approx(a["gold_reward_mean"], rel=1e-6)
-        rows = [[json.loads(x) for x in (outs["eval", key] / "samples.jsonl").read_text().splitlines()]
-                for key in (None, launcher)]
-        for field in ("response", "reference_response", "gold"):
-            assert [r[field] for r in rows[1]] == [r[field] for r in rows[0]], (launcher, field)
-        assert [r["proxy"] for r in rows[1]] == pytest.approx([r["proxy"] for r in rows[0]], rel=1e-4, abs=1e-5)
+    for name in ("rankings.jsonl", "preferences.jsonl", "gold_scores.jsonl"):
+        assert (outs["annotate", 2] / name).read_text() == (outs["annotate", 1] / name).read_text(), name
+    one, two = (json.loads((outs["eval", n] / "eval.json").read_text()) for n in (1, 2))
+    assert two.keys() == one.keys() and two["n"] == one["n"] == 10
+    for key in one:
+        if key.endswith("_mean"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    assert [row["n"] for row in two["best_of_n"]] == [1, 2]
+    for a, b in zip(one["best_of_n"], two["best_of_n"]):
+        assert b["gold_reward_mean"] == pytest.approx(a["gold_reward_mean"], rel=1e-6)
+    rows = [[json.loads(x) for x in (outs["eval", n] / "samples.jsonl").read_text().splitlines()] for n in (1, 2)]
+    for field in ("response", "reference_response", "gold"):
+        assert [r[field] for r in rows[1]] == [r[field] for r in rows[0]], field
+    assert [r["proxy"] for r in rows[1]] == pytest.approx([r["proxy"] for r in rows[0]], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
