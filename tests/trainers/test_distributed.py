@@ -8,7 +8,9 @@ rounding level, that noise moves its weight by a visible fraction of the learnin
 the steps agree to a few ulps. So each tensor is compared by how far training moved it: the difference between
 the two runs must stay under 1e-2 of the update's norm (measured on this CPU: at most 1.3e-3, DPO's v_proj;
 1.6e-4 for the reward model), and the logged loss, gradient norm and metrics, reduced over processes, within
-1e-4 relative. A missing or doubled share changes the update's direction, an O(1) difference; a gradient scaled
+1e-4 relative, or within 1e-2 of how far the metric has moved since the first step (the weights it is computed
+from being that far apart: a GRPO/RLOO policy loss, a mean near zero of advantage-weighted terms, once differed
+by 1.3e-6 on -0.0073). A missing or doubled share changes the update's direction, an O(1) difference; a gradient scaled
 by the number of processes (which Adam's step would hide) shows in the logged gradient norm.
 """
 
@@ -138,7 +140,11 @@ def _assert_same(one: dict, two: dict, rows1: list, rows2: list, keys: tuple[str
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2]
     for a, b in zip(rows1, rows2):  # metrics reduced over processes before they are logged
         for key in keys:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+            # Once updates have run, the two runs' weights are up to UPDATE_RTOL of the update apart (above), so a
+            # metric computed from them may be that fraction of its own movement since the first step apart: a
+            # policy loss that is a small mean of larger terms (zero-mean advantages) is not within 1e-4 of itself.
+            drift = UPDATE_RTOL * abs(a[key] - rows1[0][key])
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=max(1e-6, drift)), (a["step"], key)
 
 
 # Layouts: name -> (processes, launcher, extra settings).

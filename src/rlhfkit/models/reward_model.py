@@ -17,7 +17,7 @@ from rlhfkit.core.positions import last_token_index, position_ids_from_mask
 from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.errors import UserError
 from rlhfkit.models import lora
-from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, first_line, load_errors,
+from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, own_memory, first_line, load_errors,
                                    resolve_model_path, torch_dtype)
 from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
@@ -47,7 +47,7 @@ def load_reward_model(path: str | Path | None, pad_token_id: int, dtype: str = "
     # Used by transformers' own pooling when others load our folder; keep it right.
     model.config.pad_token_id = pad_token_id
     disable_dropout(model)
-    return model.to(device)
+    return own_memory(model.to(device))
 
 
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
