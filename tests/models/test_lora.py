@@ -202,3 +202,38 @@ def test_a_base_stored_in_bf16_gives_bitwise_the_same_roles_under_autocast():
     for key, param in stored.named_parameters():
         if key in grads:
             assert torch.equal(param.grad, grads[key]), key
+
+
+def test_sampling_merges_the_role_adapter_for_the_rollout_and_puts_the_same_weights_back():
+    """A LoRA role samples as one plain model: W + (alpha/r) B A in each layer, adapters off. Its logits are the
+    role's own (the same function, other rounding), its samples those of a model merged by peft, and afterwards
+    every weight of the base is the very tensor it was, with the same values, and the routing is as before."""
+    from rlhfkit.rollout.generate import sample_responses
+
+    base, policy, ref, critic = shared_base()
+    ids, mask, positions, _ = batch()
+    weights = {name: (p, p.data_ptr(), p.detach().clone()) for name, p in base.named_parameters()}
+    with torch.no_grad():
+        want = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with policy.merged() as sampler:
+            assert lora.lora_layers(base)[0]._disable_adapters  # the adapter's path is off: merged into W
+            got = sampler(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            moved = [n for n, (p, ptr, _) in weights.items() if p.data_ptr() != ptr]
+            assert moved and all(n.endswith("base_layer.weight") for n in moved)
+        assert not torch.equal(got, ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits)
+    close(got, want, *SIZES)
+    for name, (param, ptr, value) in weights.items():
+        assert param.data_ptr() == ptr and torch.equal(param, value), name
+    assert lora.active_adapter(base) == "policy" and not lora.lora_layers(base)[0]._disable_adapters
+
+    tokenizer = load_tokenizer("tiny")
+    prompts = [[5, 17, 42, 9], [7, 8], [100, 3, 64]]
+    seeds = [11, 22, 33]
+    ours = sample_responses(policy, tokenizer, prompts, 6, seeds=seeds)
+    merged = alone(base, "policy")  # peft's own merge of each layer (inject_adapter_in_model keeps the class)
+    for layer in lora.lora_layers(merged):
+        layer.merge(adapter_names=["policy"])
+    theirs = sample_responses(merged, tokenizer, prompts, 6, seeds=seeds)
+    assert [s.response_ids for s in ours] == [s.response_ids for s in theirs]
+    for name, (param, ptr, value) in weights.items():
+        assert param.data_ptr() == ptr and torch.equal(param, value), name

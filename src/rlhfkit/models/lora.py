@@ -122,6 +122,39 @@ def using(model, name: str | None):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
 
+
+@contextlib.contextmanager
+def merged_weights(model, name: str):
+    """Within: every LoRA layer that has adapter `name` runs as one plain linear layer, its base weight replaced
+    by W + (alpha / r) B A (peft's delta, added in fp32 and rounded once to the base weight's dtype), with the
+    adapters off; after: the very same weight tensors as before (not a round trip) and the routing as before.
+
+    For sampling, whose forwards are not scored (PPO's log-probs come from the unmerged scoring forward): a
+    decoding step then runs one matmul per layer instead of adding each adapter's two rank-r matmuls and a scaled
+    sum, which cost the embedded model's LoRA rollout about a third more time than full PPO's on a CPU. It holds
+    one merged copy of the adapted weights meanwhile. Not under FSDP, whose gathered weights belong to FSDP: there
+    the adapters run as they are."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        with using(model, name):
+            yield model
+        return
+    layers = [layer for layer in lora_layers(model) if name in getattr(layer, "lora_A", {})]
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = layer.get_delta_weight(name)
+                originals.append((weight, weight.data))
+                weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
+        with using(model, None):
+            yield model
+    finally:
+        for weight, data in originals:
+            weight.data = data
+
 def adapter_state(model, name: str, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under the keys peft's PeftModel writes (prefix `base_model.model.`), taken from
     `state_dict` when given (FSDP: the whole weights, gathered) or from the model."""

@@ -10,6 +10,8 @@ role's own trainable tensors (its adapter, its head): an optimizer built on a ro
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhfkit.models import lora
@@ -53,6 +55,16 @@ class Role(torch.nn.Module):
     def forward(self, *args, **kwargs):
         with lora.using(self.shared_base, self.adapter):
             return self.shared_base(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def merged(self):
+        """For sampling: this role as a plain model, its adapter merged into the base's weights for the duration
+        (lora.merged_weights), which are the same tensors again after. The reference role is itself already."""
+        if self.adapter is None:
+            yield self
+            return
+        with lora.merged_weights(self.shared_base, self.adapter):
+            yield Role(self.shared_base, None)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         """The role's own tensors: its adapter's (requires_grad) and its head's."""

@@ -25,6 +25,7 @@ import torch
 from rlhfkit.core.logprobs import logprobs_from_logits
 from rlhfkit.data.collate import collate_prompts
 from rlhfkit.models.precision import bf16_weights
+from rlhfkit.models.roles import Role
 from rlhfkit.runtime.device import module_device, to_device
 from rlhfkit.rollout.scoring import has_own_logit_path, lm_head_logits
 
@@ -218,15 +219,17 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     samples = []
     starts = range(0, len(prompts), batch_size)
-    # A role (models/roles.py) samples through its shared base: every weight of that base goes to bf16.
+    # A LoRA role (models/roles.py) samples through its shared base with its adapter merged into the weights
+    # for the rollout (one matmul per layer); under bf16 every weight of that base goes to bf16 as well.
+    merged = model.merged() if isinstance(model, Role) else contextlib.nullcontext(model)
     weights = bf16_weights(getattr(model, "shared_base", model)) if precision == "bf16" else contextlib.nullcontext()
-    with _decoding_attention(model), weights:
+    with _decoding_attention(model), merged as sampler, weights:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             chunk = prompts[start:start + batch_size]
             batch = to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
             uniforms = None if seeds is None else \
                 sample_uniforms(seeds[start:start + batch_size], max_new_tokens).to(device)  # (b, T)
-            responses, logprobs = _decode(model, batch, max_new_tokens, temperature, top_p, eos, with_logprobs,
+            responses, logprobs = _decode(sampler, batch, max_new_tokens, temperature, top_p, eos, with_logprobs,
                                           uniforms)
             for prompt, response, logprob in zip(chunk, responses, logprobs):
                 samples.append(Sample(prompt, response, bool(response) and response[-1] in eos, logprob))
