@@ -237,3 +237,23 @@ def test_sampling_merges_the_role_adapter_for_the_rollout_and_puts_the_same_weig
     assert [s.response_ids for s in ours] == [s.response_ids for s in theirs]
     for name, (param, ptr, value) in weights.items():
         assert param.data_ptr() == ptr and torch.equal(param, value), name
+
+
+
+def test_a_bf16_base_is_not_merged_for_sampling_since_the_adapter_would_round_away():
+    """In a bf16 weight W + delta rounds back to W wherever the delta is under half an ulp: merging would sample
+    from a policy pulled towards the base. So a role on a bf16 base samples through its adapter, weights untouched."""
+    from rlhfkit.models.precision import store_lora_base_in_bf16
+
+    base, policy, _, _ = shared_base()
+    store_lora_base_in_bf16(base)
+    layer = lora.lora_layers(base)[0]
+    weight = layer.get_base_layer().weight
+    small = layer.get_delta_weight("policy").float() * 1e-3  # a delta of an early update: under bf16's half ulp
+    lost = ((weight.float() + small).to(torch.bfloat16) == weight).float().mean()
+    assert lost > 0.8  # the rounding the test is about: most of such a delta vanishes in a bf16 weight
+    ptrs = [p.data_ptr() for p in base.parameters()]
+    with policy.merged() as sampler:
+        assert [p.data_ptr() for p in base.parameters()] == ptrs
+        assert lora.active_adapter(base) == "policy" and not layer._disable_adapters
+        assert sampler.adapter == "policy"

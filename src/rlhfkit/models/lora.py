@@ -128,19 +128,23 @@ def merged_weights(model, name: str):
     """Within: every LoRA layer that has adapter `name` runs as one plain linear layer, its base weight replaced
     by W + (alpha / r) B A (peft's delta, added in fp32 and rounded once to the base weight's dtype), with the
     adapters off; after: the very same weight tensors as before (not a round trip) and the routing as before.
+    Yields whether it merged (else adapter `name` is routed as it is, see below).
 
-    For sampling, whose forwards are not scored (PPO's log-probs come from the unmerged scoring forward): a
+    For fp32 sampling, whose forwards are not scored (PPO's log-probs come from the unmerged scoring forward): a
     decoding step then runs one matmul per layer instead of adding each adapter's two rank-r matmuls and a scaled
-    sum, which cost the embedded model's LoRA rollout about a third more time than full PPO's on a CPU. It holds
-    one merged copy of the adapted weights meanwhile. Not under FSDP, whose gathered weights belong to FSDP: there
-    the adapters run as they are."""
+    sum. It holds one merged copy of the adapted weights meanwhile. The adapters run as they are (nothing is
+    merged) where a base weight is not fp32: a bf16 base weight sits on bf16's grid, and W + delta rounded to it
+    is exactly W wherever the delta is under half a unit in the last place (early in training, nearly
+    everywhere), so the rollout would sample from a policy pulled back towards the base while scoring adds the
+    adapter's output in full. Nor under FSDP, whose gathered weights belong to FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        with using(model, name):
-            yield model
-        return
     layers = [layer for layer in lora_layers(model) if name in getattr(layer, "lora_A", {})]
+    if any(isinstance(m, FSDPModule) for m in model.modules()) or \
+            any(layer.get_base_layer().weight.dtype != torch.float32 for layer in layers):
+        with using(model, name):
+            yield False
+        return
     originals = []
     try:
         with torch.no_grad():
@@ -150,7 +154,7 @@ def merged_weights(model, name: str):
                 originals.append((weight, weight.data))
                 weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
         with using(model, None):
-            yield model
+            yield True
     finally:
         for weight, data in originals:
             weight.data = data

@@ -59,12 +59,13 @@ class Role(torch.nn.Module):
     @contextlib.contextmanager
     def merged(self):
         """For sampling: this role as a plain model, its adapter merged into the base's weights for the duration
-        (lora.merged_weights), which are the same tensors again after. The reference role is itself already."""
+        (lora.merged_weights), which are the same tensors again after; itself where they cannot be merged (a bf16
+        base, FSDP). The reference role is itself already."""
         if self.adapter is None:
             yield self
             return
-        with lora.merged_weights(self.shared_base, self.adapter):
-            yield Role(self.shared_base, None)
+        with lora.merged_weights(self.shared_base, self.adapter) as merged:
+            yield Role(self.shared_base, None) if merged else self
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         """The role's own tensors: its adapter's (requires_grad) and its head's."""

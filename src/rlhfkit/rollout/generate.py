@@ -219,9 +219,10 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     model.eval()
     samples = []
     starts = range(0, len(prompts), batch_size)
-    # A LoRA role (models/roles.py) samples through its shared base with its adapter merged into the weights
-    # for the rollout (one matmul per layer); under bf16 every weight of that base goes to bf16 as well.
-    merged = model.merged() if isinstance(model, Role) else contextlib.nullcontext(model)
+    # A LoRA role (models/roles.py) samples through its shared base: in fp32 with its adapter merged into the
+    # weights for the rollout (one matmul per layer); under bf16 every weight of that base goes to bf16, and the
+    # adapter stays apart, since its small delta would round away in a bf16 weight (lora.merged_weights).
+    merged = model.merged() if isinstance(model, Role) and precision == "no" else contextlib.nullcontext(model)
     weights = bf16_weights(getattr(model, "shared_base", model)) if precision == "bf16" else contextlib.nullcontext()
     with _decoding_attention(model), merged as sampler, weights:
         for start in tqdm(starts, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
