@@ -122,7 +122,6 @@ def using(model, name: str | None):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
 
-
 @contextlib.contextmanager
 def merged_weights(model, name: str):
     """Within: every LoRA layer that has adapter `name` runs as one plain linear layer, its base weight replaced
@@ -158,6 +157,7 @@ def merged_weights(model, name: str):
     finally:
         for weight, data in originals:
             weight.data = data
+
 
 def adapter_state(model, name: str, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under the keys peft's PeftModel writes (prefix `base_model.model.`), taken from

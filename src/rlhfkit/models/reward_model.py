@@ -17,8 +17,8 @@ from rlhfkit.core.positions import last_token_index, position_ids_from_mask
 from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
 from rlhfkit.errors import UserError
 from rlhfkit.models import lora
-from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, own_memory, first_line, load_errors,
-                                   resolve_model_path, torch_dtype)
+from rlhfkit.models.loading import (merge_adapter, attention_kernel, disable_dropout, first_line, load_errors,
+                                   own_memory, resolve_model_path, torch_dtype)
 from rlhfkit.models.safety import check_loaded_weights, check_model_folder
 
 
