@@ -112,10 +112,9 @@ def test_loaded_weights_live_in_process_memory_not_in_the_mapped_checkpoint():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             inside = [r for r in mapped if r[0] <= tensor.data_ptr() < r[1]]
             assert not inside, f"{name} is a view of a mapped checkpoint file"
-        for name, tensor in model.state_dict().items():
-            key = name if name in on_disk else name.replace("model.", "", 1) if name.startswith("model.") else name
-            if key in on_disk:
-                assert torch.equal(tensor, on_disk[key]), name
+        state = model.state_dict()
+        for name, value in on_disk.items():  # every weight of the file, under the same name in both classes
+            assert torch.equal(state[name], value), name
         head = model.get_output_embeddings()
         if head is not None and model.config.tie_word_embeddings:
             assert head.weight is model.get_input_embeddings().weight

@@ -239,7 +239,6 @@ def test_sampling_merges_the_role_adapter_for_the_rollout_and_puts_the_same_weig
         assert param.data_ptr() == ptr and torch.equal(param, value), name
 
 
-
 def test_a_bf16_base_is_not_merged_for_sampling_since_the_adapter_would_round_away():
     """In a bf16 weight W + delta rounds back to W wherever the delta is under half an ulp: merging would sample
     from a policy pulled towards the base. So a role on a bf16 base samples through its adapter, weights untouched."""

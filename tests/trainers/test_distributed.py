@@ -10,8 +10,8 @@ the two runs must stay under 1e-2 of the update's norm (measured on this CPU: at
 1.6e-4 for the reward model), and the logged loss, gradient norm and metrics, reduced over processes, within
 1e-4 relative, or within 1e-2 of how far the metric has moved since the first step (the weights it is computed
 from being that far apart: a GRPO/RLOO policy loss, a mean near zero of advantage-weighted terms, once differed
-by 1.3e-6 on -0.0073). A missing or doubled share changes the update's direction, an O(1) difference; a gradient scaled
-by the number of processes (which Adam's step would hide) shows in the logged gradient norm.
+by 1.3e-6 on -0.0073). A missing or doubled share changes the update's direction, an O(1) difference; a gradient
+scaled by the number of processes (which Adam's step would hide) shows in the logged gradient norm.
 """
 
 import json
