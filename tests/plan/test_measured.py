@@ -8,8 +8,8 @@ follows the live tensors there: rlhfkit's keep-freed-memory setting is off and g
 Sizes: the tiny model's weights are 12 MB, while the process's own growth after loading (the first use of
 libtorch's kernels, dispatcher caches, Python objects of the run) is about 40-70 MB. So every case is sized for
 the model's tensors to reach 0.6-1.4 GB: 16 sequences of 128 tokens for SFT (49k-vocabulary logits), 16 pairs of
-512 tokens for the reward model and DPO (eager attention's 512 x 512 probabilities), and 32 samples of 384 + 128
-tokens for GRPO (beta 0.04: a reference) and PPO.
+512 tokens for the reward model and DPO (eager attention's 512 x 512 probabilities), and 32 samples of 480 + 32
+tokens for GRPO (beta 0.04: a reference) and PPO, whose update (the peak) is sized by the whole sequence.
 """
 
 import importlib.util

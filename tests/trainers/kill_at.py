@@ -18,11 +18,22 @@ Several `--kill` options may be given; the first to fire kills. `os.fsync` is a 
 matters for a power cut, never for a killed process (the page cache survives it), and it costs seconds.
 
 `--zygote` imports torch, transformers and rlhfkit once and then forks one child per request, so that a
-test pays the ~3 s of imports once instead of once per run. Each request is one JSON line on stdin,
+test pays the imports (3 to 11 s, by CPU) once instead of once per run. Each request is one JSON line on stdin,
 {"argv": [...], "kill": [SPEC, ...], "log": PATH}; the zygote answers {"pid": PID} as soon as the child
 runs (a test may SIGKILL that pid itself at any moment) and {"status": S} when it ended (S: the exit code,
 or minus the signal that ended it). The zygote runs no torch operation itself, so a child starts without
 any thread pool inherited from it. Children run `rlhfkit.cli.main(argv)`, exactly what the console script runs.
+
+A request may also carry:
+  "err"     a file for the child's stderr (default: "log", with its stdout)
+  "env"     variables set in the child before it runs (os.environ; read at run time, as rlhfkit reads them)
+  "cwd"     the folder the child runs in
+  "path"    folders whose sitecustomize.py the child runs first, as Python does at start for PYTHONPATH
+  "world"   N > 1: N children, each given the environment torchrun gives its processes (RANK, LOCAL_RANK,
+            WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: a free port), with "log" and "err"
+            holding `{rank}` for files per process; the answers are {"pid": PID of rank 0, "pids": [...]}
+            and, once all ended, {"status": S, "statuses": [...]}, S being the first failure's (in time). As torchrun does, the first process
+            to fail brings the others down (SIGKILL), so that none waits for it in a collective.
 """
 
 from __future__ import annotations
@@ -159,13 +170,24 @@ def run_cli(argv: list[str], specs: list[str]) -> int:
     return main(argv)
 
 
-def _child(request: dict) -> None:
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def _child(request: dict, rank: int = 0) -> None:
+    def opened(key):
+        return os.open(request[key].replace("{rank}", str(rank)), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    log = opened("log")
     os.dup2(log, 1)
-    os.dup2(log, 2)
+    os.dup2(opened("err") if request.get("err") else log, 2)
     sys.stdin = open(os.devnull)
     code = 1
     try:
+        os.environ.update(request.get("env") or {})
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+        for folder in request.get("path") or ():
+            if os.path.isfile(os.path.join(folder, "sitecustomize.py")):
+                import runpy
+
+                runpy.run_path(os.path.join(folder, "sitecustomize.py"), run_name="sitecustomize")
         code = run_cli(request["argv"], request.get("kill") or [])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -181,27 +203,83 @@ def _child(request: dict) -> None:
 
 def zygote() -> None:
     # Everything a stage imports, imported once here; no torch operation runs in this process.
+    import peft  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import rlhfkit.annotate.stage  # noqa: F401
     import rlhfkit.cli  # noqa: F401
+    import rlhfkit.eval.evaluate  # noqa: F401
     import rlhfkit.trainers.dpo  # noqa: F401
+    import rlhfkit.trainers.grpo  # noqa: F401
     import rlhfkit.trainers.ppo  # noqa: F401
     import rlhfkit.trainers.reward  # noqa: F401
     import rlhfkit.trainers.sft  # noqa: F401
-    from transformers.models.llama import modeling_llama  # noqa: F401
 
     reply = sys.stdout
     for line in sys.stdin:
         if not line.strip():
             continue
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        reply.write(json.dumps({"pid": pid}) + "\n")
+        world = int(request.get("world") or 1)
+        if world == 1:
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            reply.write(json.dumps({"pid": pid}) + "\n")
+            reply.flush()
+            _, status = os.waitpid(pid, 0)
+            reply.write(json.dumps({"status": _exit_code(status)}) + "\n")
+            reply.flush()
+            continue
+        port = _free_port()
+        pids = []
+        for rank in range(world):
+            launched = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
+                        "GROUP_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            env = {**(request.get("env") or {}), **{k: str(v) for k, v in launched.items()}}
+            pid = os.fork()
+            if pid == 0:
+                _child({**request, "env": env}, rank)
+            pids.append(pid)
+        reply.write(json.dumps({"pid": pids[0], "pids": pids}) + "\n")
         reply.flush()
-        _, status = os.waitpid(pid, 0)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        reply.write(json.dumps({"status": code}) + "\n")
+        codes, first_failure = _wait_all(pids)
+        reply.write(json.dumps({"status": first_failure, "statuses": codes}) + "\n")
         reply.flush()
+
+
+def _exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_all(pids: list[int]) -> tuple[list[int], int]:
+    """Every child's exit code (minus the signal that ended it) in launch order, and the code of the first to
+    fail (0 if none did). The first to fail kills the rest, reported as killed (-9) unless they had ended."""
+    codes, first_failure = {}, 0
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, 0)
+        if pid not in pids:
+            continue
+        codes[pid] = _exit_code(status)
+        if codes[pid] != 0 and first_failure == 0:
+            first_failure = codes[pid]
+            for other in pids:
+                if other not in codes:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    return [codes[pid] for pid in pids], first_failure
 
 
 def main() -> int:

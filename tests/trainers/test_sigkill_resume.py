@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -27,65 +26,16 @@ from rlhfkit.runtime.checkpoint import checkpoint_problem, list_checkpoints
 from rlhfkit.runtime.metrics_log import MetricsLog, read_metrics
 
 from .helpers import keyword_pairs, save_random_reward_model, write_jsonl
+from .zygote import Zygote
 
 pytestmark = pytest.mark.slow
 
-LAUNCHER = Path(__file__).with_name("kill_at.py")
 RUN_TIMEOUT_S = 300
-
-
-class Zygote:
-    """Starts runs of the CLI in forked children of tests/trainers/kill_at.py --zygote."""
-
-    def __init__(self, log: Path):
-        # One intra-op thread: as fast for a tiny model, and no slowdown when the cores are shared.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-
-    def _reply(self, timeout: float) -> dict | None:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        assert line, f"the zygote died; log:\n{self.log_tail()}"
-        return json.loads(line)
-
-    def run(self, argv: list[str], kill: list[str] = (), kill_after: float | None = None) -> tuple[int, float]:
-        """Run `rlhfkit <argv>`; with `kill_after`, SIGKILL it that many seconds after it started unless it
-        ended before. Returns (exit status or minus the signal, seconds it ran)."""
-        with open(self.log, "a") as handle:
-            handle.write(f"\n$ rlhfkit {' '.join(argv)}   kill={list(kill)} after={kill_after}\n")
-        self.proc.stdin.write(json.dumps({"argv": argv, "kill": list(kill), "log": str(self.log)}) + "\n")
-        self.proc.stdin.flush()
-        started = time.perf_counter()
-        pid = self._reply(60)["pid"]
-        reply = self._reply(kill_after) if kill_after is not None else None
-        if reply is None and kill_after is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if reply is None:
-            reply = self._reply(RUN_TIMEOUT_S)
-        if reply is None:
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"rlhfkit {argv} ran for more than {RUN_TIMEOUT_S} s; log:\n{self.log_tail()}")
-        return reply["status"], time.perf_counter() - started
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text()[-n:] if self.log.exists() else ""
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote") / "runs.log")
+    z = Zygote(tmp_path_factory.mktemp("zygote") / "runs.log", timeout=RUN_TIMEOUT_S)
     yield z
     z.close()
 
