@@ -18,8 +18,8 @@ Several `--kill` options may be given; the first to fire kills. `os.fsync` is a 
 matters for a power cut, never for a killed process (the page cache survives it), and it costs seconds.
 
 `--zygote` imports torch, transformers and rlhfkit once and then forks one child per request, so that a
-test pays the imports (3 to 11 s, by CPU) once instead of once per run. Each request is one JSON line on stdin,
-{"argv": [...], "kill": [SPEC, ...], "log": PATH}; the zygote answers {"pid": PID} as soon as the child
+test pays the imports (3 to 11 s, by CPU) once instead of once per run. Each request is one JSON line on
+stdin, {"argv": [...], "kill": [SPEC, ...], "log": PATH}; the zygote answers {"pid": PID} as soon as the child
 runs (a test may SIGKILL that pid itself at any moment) and {"status": S} when it ended (S: the exit code,
 or minus the signal that ended it). The zygote runs no torch operation itself, so a child starts without
 any thread pool inherited from it. Children run `rlhfkit.cli.main(argv)`, exactly what the console script runs.
@@ -32,8 +32,9 @@ A request may also carry:
   "world"   N > 1: N children, each given the environment torchrun gives its processes (RANK, LOCAL_RANK,
             WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: a free port), with "log" and "err"
             holding `{rank}` for files per process; the answers are {"pid": PID of rank 0, "pids": [...]}
-            and, once all ended, {"status": S, "statuses": [...]}, S being the first failure's (in time). As torchrun does, the first process
-            to fail brings the others down (SIGKILL), so that none waits for it in a collective.
+            and, once all ended, {"status": S, "statuses": [...]}, S being the first failure's (in time). As
+            torchrun does, the first process to fail brings the others down (SIGKILL), so that none waits for
+            it in a collective.
 """
 
 from __future__ import annotations

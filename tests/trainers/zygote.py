@@ -78,11 +78,12 @@ class Zygote:
         self._send(request)
         started = self._reply(60)
         pids = started.get("pids") or [started["pid"]]
-        reply = self._reply(timeout or self.timeout)
+        limit = timeout or self.timeout
+        reply = self._reply(limit)
         if reply is None:
             _kill(pids)
             self._reply(60)
-            raise AssertionError(f"rlhfkit {argv} on {world} process(es) ran for more than {timeout} s:\n"
+            raise AssertionError(f"rlhfkit {argv} on {world} process(es) ran for more than {limit} s:\n"
                                  + _read(logs, world, "out")[-3000:] + _read(logs, world, "err")[-3000:])
         return subprocess.CompletedProcess(argv, reply["status"], _read(logs, world, "out"), _read(logs, world, "err"))
 
