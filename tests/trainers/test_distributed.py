@@ -17,7 +17,7 @@ Launchers: every stage runs under `torchrun` or `accelerate launch` at least onc
 kill test needs torchrun's teardown. The other runs (one process, FSDP, resumes, the uneven end) are forked from a
 zygote that imported torch and transformers once (tests/trainers/zygote.py) and given torchrun's environment:
 the same `rlhfkit.cli.main` in real processes on gloo, without a launcher's and each process's 11 s of imports
-(on a 2-core AVX2 CPU; this file went from 1308 to about 800 test-seconds).
+(on a 2-core AVX2 CPU; this file went from 1308 to about 700 test-seconds).
 """
 
 import atexit
