@@ -31,10 +31,10 @@ A request may also carry:
   "path"    folders whose sitecustomize.py the child runs first, as Python does at start for PYTHONPATH
   "world"   N > 1: N children, each given the environment torchrun gives its processes (RANK, LOCAL_RANK,
             WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: a free port), with "log" and "err"
-            holding `{rank}` for files per process; the answers are {"pid": PID of rank 0, "pids": [...]}
-            and, once all ended, {"status": S, "statuses": [...]}, S being the first failure's (in time). As
-            torchrun does, the first process to fail brings the others down (SIGKILL), so that none waits for
-            it in a collective.
+            holding `{rank}` for files per process. The answers always carry every child, {"pid": PID of
+            rank 0, "pids": [...]} and {"status": S, "statuses": [...]}, S being the first failure's (in time,
+            0 if none failed). As torchrun does, the first process to fail brings the others down (SIGKILL),
+            so that none waits for it in a collective.
 """
 
 from __future__ import annotations
@@ -224,22 +224,14 @@ def zygote() -> None:
             continue
         request = json.loads(line)
         world = int(request.get("world") or 1)
-        if world == 1:
-            pid = os.fork()
-            if pid == 0:
-                _child(request)
-            reply.write(json.dumps({"pid": pid}) + "\n")
-            reply.flush()
-            _, status = os.waitpid(pid, 0)
-            reply.write(json.dumps({"status": _exit_code(status)}) + "\n")
-            reply.flush()
-            continue
-        port = _free_port()
+        port = _free_port() if world > 1 else None
         pids = []
         for rank in range(world):
-            launched = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
-                        "GROUP_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-            env = {**(request.get("env") or {}), **{k: str(v) for k, v in launched.items()}}
+            env = dict(request.get("env") or {})
+            if world > 1:  # what torchrun tells each process
+                env.update({k: str(v) for k, v in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world,
+                                                    "LOCAL_WORLD_SIZE": world, "GROUP_RANK": 0,
+                                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}.items()})
             pid = os.fork()
             if pid == 0:
                 _child({**request, "env": env}, rank)

@@ -101,10 +101,10 @@ def _zygote() -> Zygote:
     return _ZYGOTE[0]
 
 
-def _run(args: list[str], nproc: int, tmp_path, timeout: int = 600, launcher: str | None = "zygote",
+def _run(args: list[str], nproc: int, tmp_path, timeout: int = 600, launcher: str = "zygote",
          path: tuple[str, ...] = (), env: dict | None = None):
-    """`python -m rlhfkit ARGS` in `nproc` processes under `launcher` ('torchrun', 'accelerate', 'zygote': forked
-    from this worker's zygote with torchrun's environment; None: one process started on its own), in the folder
+    """`python -m rlhfkit ARGS` in `nproc` processes under `launcher` ('torchrun', 'accelerate', or 'zygote': forked
+    from this worker's zygote with torchrun's environment; one process runs as without a launcher), in the folder
     `tmp_path`; `path`: folders put first on PYTHONPATH (the zygote runs their sitecustomize.py)."""
     if launcher == "zygote":
         logs = Path(tempfile.mkdtemp(dir=tmp_path, prefix="logs-"))
@@ -113,9 +113,7 @@ def _run(args: list[str], nproc: int, tmp_path, timeout: int = 600, launcher: st
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reward functions: tests.*
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RLHFKIT_DIST_TIMEOUT_S="120", **(env or {}),
                PYTHONPATH=os.pathsep.join([*path, root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    if nproc == 1:
-        command = [sys.executable]
-    elif launcher == "torchrun":
+    if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     else:  # accelerate's multi-GPU launcher is torchrun underneath; without a GPU the processes take the CPU
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",

@@ -77,7 +77,7 @@ class Zygote:
                    "world": world, "path": list(path), "env": env or {}, "cwd": str(cwd) if cwd else None}
         self._send(request)
         started = self._reply(60)
-        pids = started.get("pids") or [started["pid"]]
+        pids = started["pids"]
         limit = timeout or self.timeout
         reply = self._reply(limit)
         if reply is None:
