@@ -84,7 +84,8 @@ class OptimizerConfig:
                            "and optimizer state sharded over the processes, gathered layer by layer; checkpoints "
                            "written sharded by torch.distributed.checkpoint; PPO, GRPO and RLOO gather the trained "
                            "models whole once per rollout, and keep the reference and reward model whole in each "
-                           "process). Ignored in one process.", choices=("ddp", "fsdp"))
+                           "process). In one process only checkpoints differ: fsdp writes them sharded, so that they resume on "
+                           "several.", choices=("ddp", "fsdp"))
 
 
 @dataclass

@@ -174,7 +174,7 @@ def _assert_same(one: dict, two: dict, rows1: list, rows2: list, keys: tuple[str
 
 # Layouts: name -> (processes, launcher, extra settings).
 LAYOUTS = {"1": (1, "zygote", []), "2": (2, "torchrun", []), "2-accelerate": (2, "accelerate", []),
-           "2-fsdp": (2, "zygote", ["--distributed", "fsdp"])}
+           "2-fsdp": (2, "zygote", ["--distributed", "fsdp"]), "1-fsdp": (1, "zygote", ["--distributed", "fsdp"])}
 
 # One SFT run per layout serves every SFT test below (a module fixture, and `xdist_group` keeps those tests on one
 # pytest worker so that it runs once): 21 examples in micro-batches of 4 with 2 accumulated, so the last
@@ -249,10 +249,12 @@ def test_the_demo_refuses_to_run_under_a_launcher(tmp_path):
 
 @pytest.mark.slow
 @SFT_TESTS
-@pytest.mark.parametrize("first,then", [("1", "2"), ("2", "1"), ("2-fsdp", "2-fsdp"), ("2-fsdp", "1")])
+@pytest.mark.parametrize("first,then", [("1", "2"), ("2", "1"), ("2-fsdp", "2-fsdp"), ("2-fsdp", "1"),
+                                        ("1-fsdp", "2-fsdp")])
 def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, then):
     """DDP: the main process writes full checkpoints (every process holds the same state). FSDP: every process
-    writes its shards with torch.distributed.checkpoint, which reads them back into any layout. The batch order
+    writes its shards with torch.distributed.checkpoint, which reads them back into any layout; a one-process
+    run under `distributed: fsdp` writes them too, so that it continues on two. The batch order
     is global, so a run checkpointed by `first` continues on `then` as if never interrupted: within rounding
     of the uninterrupted one-process run, and bit for bit that of an uninterrupted run on the same layout."""
     whole, _ = sft_run("1")
@@ -267,6 +269,9 @@ def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, th
     assert "resuming from" in done.stdout and f"{cut / 'checkpoints' / 'step-2'}" in done.stdout
     assert [r["step"] for r in _rows(cut)] == [1, 2, 3, 4]
     _assert_same(_weights(whole), _weights(cut), _rows(whole), _rows(cut), ("loss", "grad_norm", "sft/nll"))
+    if first.endswith("fsdp"):  # model and optimizer in DCP's files only
+        assert not (cut / "checkpoints" / "step-2" / "model").exists()
+        assert not (cut / "checkpoints" / "step-2" / "optimizer.pt").exists()
     if first == then:
         reference = _weights(uninterrupted)
         assert all(torch.equal(reference[name], tensor) for name, tensor in _weights(cut).items())
@@ -280,8 +285,8 @@ def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path):
     assert _run(settings, 1, tmp_path).returncode == 0
     done = _run([*settings, "--resume", "true", "--distributed", "fsdp"], 2, tmp_path)
     assert done.returncode == 2  # each process exits with status 2
-    assert (f"rlhfkit sft: error: {tmp_path / 'cut' / 'checkpoints' / 'step-2'}: written with distributed: ddp (or "
-            f"one process); resume it with ddp") in done.stderr
+    assert (f"rlhfkit sft: error: {tmp_path / 'cut' / 'checkpoints' / 'step-2'}: written with distributed: ddp; "
+            f"resume it with ddp") in done.stderr
 
 
 def test_a_process_stops_with_its_peers_when_only_a_peer_was_signalled(tmp_path, monkeypatch):
@@ -468,12 +473,12 @@ def test_annotate_and_eval_on_two_processes_write_what_one_writes(tmp_path):
 
 @pytest.mark.slow
 @PPO_TESTS
-@pytest.mark.parametrize("first,then", [("2-fsdp", "2-fsdp"), ("2-fsdp", "1"), ("1", "2")])
+@pytest.mark.parametrize("first,then", [("2-fsdp", "2-fsdp"), ("2-fsdp", "1"), ("1", "2"), ("1-fsdp", "2-fsdp")])
 def test_ppo_resumes_on_the_same_or_another_number_of_processes(ppo_run, tmp_path, first, then):
     """An FSDP run's checkpoint holds policy, critic and both optimizers sharded (torch.distributed.checkpoint):
     resumed on the same layout it ends bit for bit where the uninterrupted run ends, with the same samples; on
     one process, within rounding of it. A one-process run's checkpoint resumes on two processes (DDP), within
-    rounding."""
+    rounding, and so does a one-process FSDP run's (written sharded too) under FSDP."""
     uninterrupted, settings, root = ppo_run(first)
     cut = tmp_path / "cut"
     shutil.copytree(uninterrupted, cut)
@@ -484,7 +489,7 @@ def test_ppo_resumes_on_the_same_or_another_number_of_processes(ppo_run, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {cut / 'checkpoints' / 'step-2'} " in done.stdout
     assert [r["step"] for r in _rows(cut)] == [1, 2, 3, 4]
-    if then == "2-fsdp":
+    if first == then:
         for folder in (".", "critic"):
             whole, resumed = _weights(uninterrupted / folder), _weights(cut / folder)
             assert all(torch.equal(whole[name], resumed[name]) for name in whole), folder

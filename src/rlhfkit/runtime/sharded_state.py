@@ -5,6 +5,9 @@ whole state alone. DCP writes each process's shards (`__N_0.distcp` files plus a
 them back into any layout: the same number of processes, another one, or one process with whole tensors (it
 reshards on load). `get_state_dict`/`set_state_dict` give the model's and the optimizer's state under the
 parameters' own names, whether the model is sharded or not.
+
+A `distributed: fsdp` run writes its checkpoints this way even on one process (no process group: `no_dist`), so
+that a run started on one process under FSDP continues on several, as one started on several continues on one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class ShardedState:
         """Every process writes its shards into `folder` (a collective: all must call it)."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(), checkpoint_id=str(folder))
+        dcp.save(self._state(), checkpoint_id=str(folder), no_dist=_single())
 
     def load(self, folder: Path) -> None:
         """Read the model's and the optimizer's state from `folder`, resharded to this run's layout."""
@@ -40,6 +43,11 @@ class ShardedState:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state()
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+def _single() -> bool:
+    """No process group: DCP reads and writes every tensor in this one process."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())

@@ -279,7 +279,7 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
     sharded = ShardedState(algo.parallel.owners(), list(algo.optimizers.values()),
                            covers=tuple(f"{n}_optimizer" for n in algo.optimizers))
     run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration", sharded=sharded,
-                     shard_writes=algo.parallel.lockstep)
+                     shard_writes=config.distributed == "fsdp")
     state = run.resume(algo.load_weights)
     step = 0
     if state is not None:

@@ -33,7 +33,8 @@ class RunContext:
     bar: Any = None                # tqdm progress bar, once started
     logs: dict[str, MetricsLog] = field(default_factory=dict)
     # The model and optimizer as torch.distributed.checkpoint reads and writes them (runtime/sharded_state.py):
-    # checkpoints hold them in `sharded/` when `shard_writes` (FSDP), and any run can resume from such a one.
+    # checkpoints hold them in `sharded/` when `shard_writes` (distributed: fsdp, on any number of processes), and
+    # any run can resume from such a one.
     sharded: Any = None
     shard_writes: bool = False
 
@@ -54,7 +55,7 @@ class RunContext:
             self.sharded.load(path / "sharded")
             stateful = {k: v for k, v in stateful.items() if k not in self.sharded.covers}
         elif self.shard_writes:
-            raise UserError(f"{path}: written with distributed: ddp (or one process); resume it with ddp, or "
+            raise UserError(f"{path}: written with distributed: ddp; resume it with ddp, or "
                             f"start afresh in another output_dir")
         else:
             load_weights(path / "model")
