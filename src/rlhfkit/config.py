@@ -84,8 +84,20 @@ class OptimizerConfig:
                            "and optimizer state sharded over the processes, gathered layer by layer; checkpoints "
                            "written sharded by torch.distributed.checkpoint; PPO, GRPO and RLOO gather the trained "
                            "models whole once per rollout, and keep the reference and reward model whole in each "
-                           "process). In one process only checkpoints differ: fsdp writes them sharded, so that they resume on "
-                           "several.", choices=("ddp", "fsdp"))
+                           "process unless fsdp_frozen is 'shard'). In one process only checkpoints differ: fsdp "
+                           "writes them sharded, so that they resume on several.", choices=("ddp", "fsdp"))
+
+
+@dataclass
+class FrozenModelsConfig:
+    fsdp_frozen: str = opt("replicate", "Under distributed: fsdp with several processes, the frozen models a "
+                           "rollout scores with (the reference, the reward model): 'replicate' keeps each whole in "
+                           "every process; 'shard' shards them over the processes (FSDP2) and gathers each whole "
+                           "only for its scoring pass, after the trained models are sharded again, so no process "
+                           "holds every model whole at once and between rollouts each holds 1/N of them (one "
+                           "all-gather per rollout). `rlhfkit plan --layout fsdp` says which fits. With LoRA the "
+                           "reference is the shared base, sharded with the adapters either way.",
+                           choices=("replicate", "shard"))
 
 
 @dataclass
@@ -194,7 +206,7 @@ class AnnotateConfig(SamplingConfig, RunConfig):
 
 
 @dataclass
-class PPOConfig(SamplingConfig, LoggingConfig, LoRAConfig, OptimizerConfig, RunConfig):
+class PPOConfig(SamplingConfig, LoggingConfig, FrozenModelsConfig, LoRAConfig, OptimizerConfig, RunConfig):
     """PPO (actor-critic) against a reward model, with a per-token KL penalty to a frozen reference."""
 
     data: str | None = opt(None, "Prompt file (JSONL/Parquet/datasets folder with a 'prompt' field); default: "
@@ -251,7 +263,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", 
 
 
 @dataclass
-class GRPOConfig(SamplingConfig, LoggingConfig, LoRAConfig, OptimizerConfig, RunConfig):
+class GRPOConfig(SamplingConfig, LoggingConfig, FrozenModelsConfig, LoRAConfig, OptimizerConfig, RunConfig):
     """GRPO (Shao et al. 2024): K samples per prompt, group-relative advantages instead of a critic, a clipped
     surrogate and (beta > 0) a k3 KL to the reference inside the loss. Rewards come from a reward model and/or
     Python functions 'module:function' (verifiable rewards), summed with reward_weights. Defaults follow TRL's

@@ -81,6 +81,38 @@ def test_layouts_place_models():
     assert per_device == pytest.approx(trained.phases["train"][0].parts["weights"] / 5 + frozen, rel=1e-6)
 
 
+def test_fsdp_frozen_shard_shards_the_reference_and_reward_model_and_is_suggested_when_it_fits():
+    """`fsdp_frozen: shard`: every device holds 1/N of the frozen models too, outside the rollout; each frozen model
+    is gathered whole only for its own scoring pass, with the trained ones sharded again. Qwen2.5-0.5B PPO on
+    4 x 8 GB under FSDP does not fit with the frozen models whole on each device and fits with them sharded: that
+    is the first suggestion."""
+    from rlhfkit.plan.layout import is_sharded, weight_bytes
+
+    wl, devices = workload(model="Qwen2.5-0.5B"), parse_devices("4xgpu:8GB")
+    wl = replace(wl, knobs=replace(wl.knobs, layout="fsdp"))
+    whole, sharded = plan(wl, devices), plan(replace(wl, knobs=replace(wl.knobs, shard_frozen=True)), devices)
+    trained = [w for w in wl.weights if w.trained != "frozen"]
+    frozen = [w for w in wl.weights if w.trained == "frozen"]
+    assert [w.name for w in frozen] == ["reference", "reward model"]
+    one = {w.name: weight_bytes(w, wl, devices[0]) for w in wl.weights}  # each model's weights, whole
+    assert whole.phases["train"][0].parts["weights"] == pytest.approx(
+        sum(one[w.name] for w in trained) / 4 + sum(one[w.name] for w in frozen), rel=1e-6)
+    assert sharded.phases["train"][0].parts["weights"] == pytest.approx(sum(one.values()) / 4, rel=1e-6)
+    # the score phase's worst moment gathers one side whole: never more than every model whole at once
+    gathered = sharded.peak(0) if sharded.peak(0).phase == "score" else sharded.phases["score"][0]
+    assert gathered.parts["weights"] + gathered.parts["other"] < sum(one.values())
+    assert not whole.fits and sharded.fits
+    first = suggest(wl, devices)[0]
+    assert first.changes == ["fsdp_frozen: shard (the reference and reward model sharded too, gathered whole only "
+                             "to score)"] and first.plan.workload.knobs.shard_frozen
+    # DPO's reference runs inside the loss and stays whole; so does everything outside the fsdp layout
+    dpo = workload("dpo", "tiny", model="Qwen2.5-0.5B")
+    dpo = replace(dpo, knobs=replace(dpo.knobs, layout="fsdp", shard_frozen=True))
+    assert not is_sharded(dpo.role("reference"), dpo)
+    assert not is_sharded(wl.role("reference"), replace(wl, knobs=replace(wl.knobs, layout="single",
+                                                                           shard_frozen=True)))
+
+
 def test_lora_ppo_keeps_one_base_for_three_roles():
     wl = workload(model="phi-2", lora_r=16)
     base = wl.role("policy")
@@ -151,3 +183,6 @@ def test_knobs_read_the_config():
                                                            "lora_target_modules": "q_proj,v_proj"})
     k = knobs_from_config("ppo", config)
     assert (k.lora_r, k.gradient_checkpointing, k.lora_targets, k.micro_batch) == (8, True, ("q_proj", "v_proj"), 4)
+    assert not k.shard_frozen
+    config = build_config("grpo", preset="tiny", overrides={"fsdp_frozen": "shard", "reward_function": "m:f"})
+    assert knobs_from_config("grpo", config).shard_frozen

@@ -132,12 +132,14 @@ def _same_run_on_one_and_two(stage: str, settings: list[str], tmp_path, launcher
     results = []
     for n, launcher in [(1, "zygote"), *((2, name) for name in launchers)]:
         out = tmp_path / f"{stage}-{n}-{launcher}"
-        sharding = ["--distributed", "fsdp"] if launcher.endswith("-fsdp") else []
+        # "-fsdp": distributed: fsdp; "-fsdp-frozen": its frozen models (reference, reward model) sharded too
+        sharding = {"fsdp": ["--distributed", "fsdp"], "frozen": ["--distributed", "fsdp", "--fsdp-frozen", "shard"]}
+        sharding = sharding.get(launcher.split("-")[-1], [])
         done = _run([stage, "--preset", "tiny", "--mixed-precision", "no", "--output-dir", str(out),
-                     "--progress", "false", *settings, *sharding], n, tmp_path,
-                    launcher=launcher.removesuffix("-fsdp"))
+                     "--progress", "false", *settings, *sharding], n, tmp_path, launcher=launcher.split("-")[0])
         assert done.returncode == 0, f"{n} process(es): {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         assert done.stdout.count("device: ") == n  # every process chose its device: n really ran
+        assert ("fsdp_frozen: reference sharded over 2 processes" in done.stdout) == launcher.endswith("-frozen")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         results.append((_weights(out), rows))
         if folders is not None:
@@ -174,7 +176,8 @@ def _assert_same(one: dict, two: dict, rows1: list, rows2: list, keys: tuple[str
 
 # Layouts: name -> (processes, launcher, extra settings).
 LAYOUTS = {"1": (1, "zygote", []), "2": (2, "torchrun", []), "2-accelerate": (2, "accelerate", []),
-           "2-fsdp": (2, "zygote", ["--distributed", "fsdp"]), "1-fsdp": (1, "zygote", ["--distributed", "fsdp"])}
+           "2-fsdp": (2, "zygote", ["--distributed", "fsdp"]), "1-fsdp": (1, "zygote", ["--distributed", "fsdp"]),
+           "2-fsdp-frozen": (2, "zygote", ["--distributed", "fsdp", "--fsdp-frozen", "shard"])}
 
 # One SFT run per layout serves every SFT test below (a module fixture, and `xdist_group` keeps those tests on one
 # pytest worker so that it runs once): 21 examples in micro-batches of 4 with 2 accumulated, so the last
@@ -194,6 +197,7 @@ def _runs_by_layout(root, settings: list[str]):
             done = _run([*settings, *extra, "--output-dir", str(out)], n, root, launcher=launcher)
             assert done.returncode == 0, f"{layout}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}"
             assert done.stdout.count("device: ") == n  # every process chose its device: n really ran
+            (root / f"{layout}.stdout").write_text(done.stdout)
             done_runs[layout] = out
         return done_runs[layout]
     return run
@@ -337,15 +341,18 @@ def ppo_run(tmp_path_factory):
 
 @pytest.mark.slow
 @PPO_TESTS
-@pytest.mark.parametrize("layout", ["2", "2-fsdp"])
+@pytest.mark.parametrize("layout", ["2", "2-fsdp", "2-fsdp-frozen"])
 def test_ppo_on_two_processes_samples_and_steps_as_one(ppo_run, layout):
     """6 prompts per iteration: each process samples and scores 3, seeded by their global index, so the
     responses are the very ones one process samples; GAE, whitening and the KL run on the gathered batch, and
     the mini-batches of 3 split 2 + 1 over the processes. Policy and critic end where one process ends them.
     Under FSDP each rollout samples and scores with the policy and critic gathered whole (each process's
     responses end at their own lengths), and the process with one row of a mini-batch fewer takes part with
-    a stand-in."""
-    (one, *_), (two, *_) = ppo_run("1"), ppo_run(layout)
+    a stand-in. With `fsdp_frozen: shard` the reference and the reward model are sharded too, and gathered whole
+    only for their own scoring pass."""
+    (one, *_), (two, _, root) = ppo_run("1"), ppo_run(layout)
+    sharded = "fsdp_frozen: reference, reward model sharded over 2 processes"
+    assert (sharded in (root / f"{layout}.stdout").read_text()) == (layout == "2-fsdp-frozen")
     rows1, rows2 = _rows(one), _rows(two)
     _assert_same(_weights(one), _weights(two), rows1, rows2, (
         "objective/scores", "objective/kl", "objective/kl_coef", "objective/gold", "loss/policy", "loss/value",
@@ -404,8 +411,9 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
     """GRPO: 3 prompts x 2 samples, so one process holds 2 groups and the other 1 (a group never straddles
     processes), and the group statistics are logged. RLOO: 1 prompt per step, so the second process has no
     share at all (it samples nothing, and takes part with zero gradients), and mini-batches of 1 leave one
-    process idle in every optimizer step; it must neither hang nor change the step. Both again under FSDP,
-    where the idle process still enters each rollout's gather and runs a stand-in micro-batch (timeout: 600 s
+    process idle in every optimizer step; it must neither hang nor change the step. Both again under FSDP
+    (RLOO's reference sharded too: `fsdp_frozen: shard`), where the idle process still enters each rollout's
+    gathers and runs a stand-in micro-batch (timeout: 600 s
     per run, RLHFKIT_DIST_TIMEOUT_S 120 s per collective). GRPO is launched with torchrun, RLOO with
     `accelerate launch`."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}", "item": i}
@@ -421,7 +429,7 @@ def test_grpo_and_rloo_on_two_processes_take_the_steps_of_one(tmp_path):
                                               "loss/policy", "grad_norm/policy", "ppo/approx_kl"))
     (one, rows1), *others = _same_run_on_one_and_two(
         "rloo", [*common, "--prompts-per-step", "1", "--num-generations", "4", "--mini-batch-size", "1"], tmp_path,
-        launchers=("accelerate", "zygote-fsdp"))
+        launchers=("accelerate", "zygote-fsdp-frozen"))
     for two, rows2 in others:
         _assert_same(one, two, rows1, rows2, ("objective/scores", "objective/kl", "loss/policy", "grad_norm/policy"))
 

@@ -13,6 +13,11 @@ whole models and the gradients are summed after the backward passes (`sum_gradie
 base is sharded once, a loss runs through its root, and a rollout holds the bases whole (`gathered_whole`), so
 that generation, whose processes run different numbers of forwards, needs no collective per token.
 
+The frozen models a rollout scores with (a reference, a reward model of their own) are whole in every process by
+default; with `fsdp_frozen: shard` they are sharded too (`FrozenModels`), and a rollout gathers them whole only
+for their own scoring pass, after the trained models are sharded again: no process holds every model whole at
+once, and between rollouts each holds 1/N of the frozen ones.
+
 DDP and FSDP average gradients over processes. rlhfkit's losses are already normalised by the global count of
 their units (tokens, pairs: `sum_across`), so the average is undone by scaling each process's loss by the number
 of processes: the gradient is then the sum over processes, the one-process gradient of the whole batch.
@@ -274,6 +279,35 @@ class TrainedRoles:
             return
         roots = list({id(r): r for r in self.roots.values()}.values())
         with gathered_whole(roots):
+            yield
+
+
+class FrozenModels:
+    """The frozen models an RL rollout scores with (name -> model: "reference", "reward model"), whole in every
+    process, or with `shard` (and several processes) each sharded over them by FSDP2 like a trained model.
+
+    A role on a trained base (LoRA: the reference is the base with its adapters off) is not a model of its own
+    and is left out: it is sharded, or not, with that base. `gathered()` holds the sharded ones whole for a
+    scoring pass (one all-gather per sharded unit, as `gathered_whole`), so scoring, whose processes run
+    different numbers of forwards, needs no collective per forward."""
+
+    def __init__(self, models: dict[str, torch.nn.Module | None], procs: Processes, device: torch.device,
+                 shard: bool = False):
+        own = {name: m for name, m in models.items() if m is not None and not hasattr(m, "shared_base")}
+        self.names = list(own) if shard and procs.many else []
+        self.roots = [start_root(shard_model(own[name], device)) for name in self.names]
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.roots)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The sharded frozen models whole in every process (every process must enter); nothing to do otherwise."""
+        if not self.roots:
+            yield
+            return
+        with gathered_whole(self.roots):
             yield
 
 

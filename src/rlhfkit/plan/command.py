@@ -22,7 +22,7 @@ models' config.json (no weights are read) and the stage's settings: where each m
 (generate, score, train) the weights, gradients, optimizer state, activations (with and without gradient
 checkpointing), KV cache and logits; whether it fits and which phase sets the peak; and, if it does not fit, the
 smallest changes that would (checkpointing, a smaller micro-batch, half-precision frozen copies, LoRA, FSDP over
-N devices, CPU offload), each re-planned.
+N devices, frozen models sharded too, CPU offload), each re-planned.
 
   --config FILE.yaml   a stage config (give --stage) or a pipeline file (every training stage in it is planned)
   --preset NAME        a built-in preset (tiny, demo, ...); with --stage
@@ -30,7 +30,7 @@ N devices, CPU offload), each re-planned.
   --devices LIST       e.g. 5xT4, 1xA100-80GB, 2xH100, 2xgpu:24GB, cpu:24GB
   --layout L           single: every model on one device (what rlhfkit runs); spread: one model per device;
                        fsdp: one process per device, trained models sharded over all (FSDP), frozen
-                       ones whole on each (default: single)
+                       ones whole on each, or sharded too with --fsdp-frozen shard (default: single)
   --frozen-half        what-if: frozen models (and a LoRA base) stored in fp16/bf16
   --offload-optimizer  what-if: optimizer state in host memory
   --json               the same result as JSON

@@ -14,7 +14,9 @@ Layouts:
   the global batch; every trained model sharded over all N (weights, gradients and optimizer state / N, plus the
   layers FSDP gathers while it computes; with LoRA its frozen base too, sharded with its adapters), and every
   frozen model of its own (a reference, a reward model) whole on each device, as rlhfkit runs it. A rollout
-  (PPO, GRPO, RLOO) gathers the trained models whole once, for generation and scoring.
+  (PPO, GRPO, RLOO) gathers the trained models whole once, for generation and scoring. With `fsdp_frozen: shard`
+  (knob `shard_frozen`, PPO, GRPO and RLOO) the frozen models are sharded too, and each rollout gathers them
+  whole for their own scoring pass, with the trained models sharded again meanwhile.
 """
 
 from __future__ import annotations
@@ -221,6 +223,18 @@ def place(wl: Workload, devices: list[Device]) -> dict[str, list[int]]:
     return placement
 
 
+def frozen_sharded(wl: Workload) -> bool:
+    """Whether the frozen models are sharded under FSDP: `fsdp_frozen: shard`, which the RL stages honour (their
+    frozen models only score rollouts; DPO's reference runs inside the loss, whole)."""
+    return wl.knobs.layout == "fsdp" and wl.knobs.shard_frozen and wl.stage in ("ppo", "grpo", "rloo")
+
+
+def is_sharded(ws: WeightSet, wl: Workload) -> bool:
+    """Whether FSDP shards this weight set: every trained one (a LoRA base too), a frozen one with
+    `frozen_sharded`."""
+    return ws.trained != "frozen" or frozen_sharded(wl)
+
+
 def resident(ws: WeightSet, wl: Workload, device: Device) -> int:
     t = trainable_params(ws, wl) * param_bytes(ws, wl)
     return weight_bytes(ws, wl, device) + 3 * t
@@ -233,8 +247,9 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
     n = len(devices) if wl.knobs.layout == "fsdp" else 1
 
     def shard_of(ws: WeightSet) -> float:
-        """The share of a weight set each device holds: FSDP shards trained models; frozen ones stay whole."""
-        return 1 / n if ws.trained != "frozen" else 1.0
+        """The share of a weight set each device holds: FSDP shards trained models; frozen ones stay whole unless
+        `frozen_sharded`."""
+        return 1 / n if is_sharded(ws, wl) else 1.0
 
     by_name = {ws.name: ws for ws in wl.weights}
 
@@ -264,11 +279,12 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
         if ws.trained != "frozen":  # a whole frozen model gathers nothing
             add(moment, ws.name, "other", fsdp_gather_bytes(ws, wl, n))
 
-    def gather_whole(moment):
+    def gather_whole(moment, frozen: bool = False):
         """A rollout under FSDP holds every trained model whole (models.parallel.gathered_whole: gathered once,
-        so that generation needs no collective per token): each device adds the shards it does not own."""
+        so that generation needs no collective per token), or with `frozen` the sharded frozen ones instead,
+        for their scoring pass: each device adds the shards it does not own."""
         for ws in wl.weights:
-            if ws.trained != "frozen" and n > 1:
+            if is_sharded(ws, wl) and (ws.trained == "frozen") == frozen and n > 1:
                 add(moment, ws.name, "other", weight_bytes(ws, wl, dev[ws.name]) * (1 - 1 / n))
 
     dev = {ws.name: devices[placement[ws.name][0]] for ws in wl.weights}
@@ -364,9 +380,14 @@ def plan(wl: Workload, devices: list[Device]) -> Plan:
             m = base()
             for cat, value in inference_moment(role, ws, wl, dev[ws.name], rows, wl.seq_len).items():
                 add(m, ws.name, cat, value)
-            for held in wl.weights:  # scoring runs inside the rollout's autocast context, on whole weights
-                add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]))
-            gather_whole(m)
+            # The trained models score inside the rollout's autocast context, on whole weights; a frozen model of
+            # its own scores in a pass after it (trainers/rl_loop.py), once that context has closed (with its
+            # casts of the trained weights) and FSDP has sharded the trained models again.
+            own_pass = ws.trained == "frozen"
+            for held in wl.weights:
+                if not own_pass or held.trained == "frozen":
+                    add(m, held.name, "weight copies", autocast_cache_bytes(held, wl, dev[held.name]))
+            gather_whole(m, frozen=own_pass)
             scoring.append(m)
         phases["score"] = scoring
         policy_ws, critic_ws = wl.role("policy"), wl.role("critic")

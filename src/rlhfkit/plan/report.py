@@ -5,13 +5,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rlhfkit.plan.devices import Device, describe
-from rlhfkit.plan.layout import CATEGORIES, Plan, plan
+from rlhfkit.plan.layout import CATEGORIES, Plan, frozen_sharded, is_sharded, plan
 from rlhfkit.plan.suggest import Suggestion, suggest
 from rlhfkit.plan.workload import Workload, compute_mode
 
 GIB = 2**30
 LAYOUT_WORDS = {"single": "every model on one device", "spread": "one model per device",
                 "fsdp": "one process per device; trained models sharded (FSDP), frozen ones whole on each"}
+
+
+def _layout_words(wl: Workload) -> str:
+    if frozen_sharded(wl):
+        return "one process per device; trained and frozen models sharded (FSDP, fsdp_frozen: shard)"
+    return LAYOUT_WORDS[wl.knobs.layout]
 
 
 def _gib(n: int) -> str:
@@ -117,7 +123,7 @@ def render_text(p: Plan, suggestions: list[Suggestion], others: dict[str, Plan])
     shape = wl.weights[0].shape
     lines = [f"rlhfkit plan: {wl.stage} on {shape.name} ({shape.params / 1e9:.3g}B parameters), "
              f"{describe(devices)}",
-             f"layout: {k.layout} ({LAYOUT_WORDS[k.layout]}); precision: {_precision_words(wl, devices[0])}; "
+             f"layout: {k.layout} ({_layout_words(wl)}); precision: {_precision_words(wl, devices[0])}; "
              f"attention: {wl.attn}; gradient checkpointing: {'on' if k.gradient_checkpointing else 'off'}"
              + (f"; LoRA r={k.lora_r}" if k.lora_r else "")]
     rows = k.micro_batch * wl.rows_per_item
@@ -135,7 +141,7 @@ def render_text(p: Plan, suggestions: list[Suggestion], others: dict[str, Plan])
         trained = {"full": "trained (full)", "lora": f"frozen, LoRA adapters trained ({', '.join(ws.adapters)})",
                    "frozen": "frozen"}[ws.trained]
         kind = "causal LM" if ws.lm_head else "trunk + scalar head"
-        what = f"{ws.shape.name} {kind}, {trained} -> {_where(devices, p.placement[ws.name], ws.trained != 'frozen')}"
+        what = f"{ws.shape.name} {kind}, {trained} -> {_where(devices, p.placement[ws.name], is_sharded(ws, wl))}"
         lines.append(f"  {ws.name:<14} {what}" if len(ws.name) <= 14 else f"  {ws.name}\n  {'':<14} {what}")
     used = _used(p)
     idle = [devices[i].label for i in range(len(devices)) if i not in used]
@@ -191,6 +197,7 @@ def plan_json(p: Plan, suggestions: list[Suggestion], others: dict[str, Plan]) -
                      "seq_len": wl.seq_len, "accumulation": wl.accumulation, "mini_batch": wl.mini_batch,
                      "gradient_checkpointing": wl.knobs.gradient_checkpointing, "lora_r": wl.knobs.lora_r,
                      "frozen_half": wl.knobs.frozen_half, "offload_optimizer": wl.knobs.offload_optimizer,
+                     "shard_frozen": frozen_sharded(wl),
                      "generation_batch": wl.gen_batch, "prompt_len": wl.prompt_len, "new_tokens": wl.new_tokens,
                      "score_batch": wl.score_batch},
         "models": [{"name": ws.name, "shape": ws.shape.to_dict(), "causal_lm": ws.lm_head, "trained": ws.trained,

@@ -1,5 +1,6 @@
 """What would make a plan fit: the smallest sets of changes (checkpointing, a smaller micro-batch, half-precision
-frozen copies, LoRA, FSDP, spreading models, CPU offload), each re-planned with plan.layout.plan."""
+frozen copies, LoRA, FSDP, frozen models sharded under FSDP, spreading models, CPU offload), each re-planned with
+plan.layout.plan."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def _micro_options(micro: int) -> list[int]:
 def suggest(wl: Workload, devices: list[Device], limit: int = 3) -> list[Suggestion]:
     """The smallest changes that make the plan fit, cheapest first: single changes before pairs, pairs before
     triples, each set minimal (no part of it fits alone). A change's cost ranks how much it asks: checkpointing
-    and a smaller micro-batch change only speed; half-precision frozen copies round frozen weights; LoRA changes
-    what is trained; FSDP or spreading models needs several processes or devices; CPU offload is slowest."""
+    and a smaller micro-batch change only speed; half-precision frozen copies round frozen weights, and sharding
+    the frozen models under FSDP adds an all-gather per rollout; LoRA changes what is trained; FSDP or spreading
+    models needs several processes or devices; CPU offload is slowest."""
     k = wl.knobs
     gpus = [d for d in devices if not d.is_cpu]
     options: list[tuple[str, int]] = []
@@ -43,6 +45,9 @@ def suggest(wl: Workload, devices: list[Device], limit: int = 3) -> list[Suggest
         options.append(("lora", 4))
     if len(gpus) > 1 and k.layout != "fsdp":
         options.append(("fsdp", 5))
+    if (len(gpus) > 1 and not k.shard_frozen and wl.stage in ("ppo", "grpo", "rloo")
+            and any(w.trained == "frozen" for w in wl.weights)):
+        options.append(("shard frozen", 2))  # only under FSDP: with the layout, or with the "fsdp" change
     if len(gpus) > 1 and k.layout == "single" and len(wl.weights) > 1:
         options.append(("spread", 5))
     if gpus and not k.offload_optimizer:
@@ -53,6 +58,8 @@ def suggest(wl: Workload, devices: list[Device], limit: int = 3) -> list[Suggest
         for combo in sorted(combinations(options, size), key=lambda c: sum(x[1] for x in c)):
             names = {name for name, _ in combo}
             if "fsdp" in names and "spread" in names:
+                continue
+            if "shard frozen" in names and "fsdp" not in names and k.layout != "fsdp":
                 continue
             if any(s <= names for s in fitting_sets):
                 continue
@@ -75,6 +82,8 @@ def _try(wl: Workload, devices: list[Device], names: set[str]):
         k = replace(k, lora_r=16)
     if "fsdp" in names:
         k = replace(k, layout="fsdp")
+    if "shard frozen" in names:
+        k = replace(k, shard_frozen=True)
     if "spread" in names:
         k = replace(k, layout="spread")
     if "offload" in names:
@@ -90,7 +99,7 @@ def _try(wl: Workload, devices: list[Device], names: set[str]):
     return None
 
 
-_ORDER = ["checkpointing", "micro-batch", "half frozen", "lora", "fsdp", "spread", "offload"]
+_ORDER = ["checkpointing", "micro-batch", "half frozen", "lora", "fsdp", "shard frozen", "spread", "offload"]
 
 
 def _with_lora(wl: Workload) -> Workload:
@@ -127,6 +136,8 @@ def describe_change(name: str, wl: Workload, n_devices: int) -> str:
         return f"lora_r: {k.lora_r} (one frozen base, adapters trained)"
     if name == "fsdp":
         return f"FSDP over {n_devices} processes (torchrun, distributed: fsdp)"
+    if name == "shard frozen":
+        return "fsdp_frozen: shard (the reference and reward model sharded too, gathered whole only to score)"
     if name == "spread":
         return "one model per device (what-if: rlhfkit runs one device per stage)"
     if name == "offload":

@@ -30,6 +30,7 @@ class Knobs:
     layout: str = "single"         # 'single': every model on one device; 'spread': one model per device;
                                    # 'fsdp': trained models sharded over all devices, frozen ones whole (N processes)
     offload_optimizer: bool = False  # AdamW state in host memory (DeepSpeed ZeRO-Offload style)
+    shard_frozen: bool = False     # fsdp_frozen: shard: under 'fsdp', the RL stages' frozen models sharded too
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def knobs_from_config(stage: str, config) -> Knobs:
         targets = tuple(t.strip() for t in targets.split(",") if t.strip()) or None
     return Knobs(gradient_checkpointing=bool(getattr(config, "gradient_checkpointing", False)),
                  micro_batch=micro_batch_of(stage, config), lora_r=int(getattr(config, "lora_r", 0) or 0),
-                 lora_targets=tuple(targets) if targets else None)
+                 lora_targets=tuple(targets) if targets else None,
+                 shard_frozen=getattr(config, "fsdp_frozen", "replicate") == "shard")
 
 
 def micro_batch_of(stage: str, config) -> int:

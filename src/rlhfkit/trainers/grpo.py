@@ -2,8 +2,8 @@
 
 One iteration (the loop is trainers/rl_loop.py; this file supplies its steps, in order):
   1. rollout  - sample K completions for each of prompts_per_step prompts (each prompt's K contiguous);
-  2. score    - log-probs under the policy and the reference (when beta > 0), rewards: a reward model and/or
-                Python functions 'module:function', weighted and summed;
+  2. score    - log-probs under the policy, then under the reference (when beta > 0), and rewards: a reward
+                model and/or Python functions 'module:function', weighted and summed;
   3. baseline - one advantage per completion from its group (GROUP_ADVANTAGES: grpo, dr_grpo, rloo); RLOO
                 first subtracts beta * the summed KL from the reward (kl_in_reward);
   4. update   - num_iterations passes of shuffled mini-batches: clipped surrogate with the sequence advantage
@@ -53,7 +53,8 @@ def single_on_policy_step(config: GRPOConfig) -> bool:
 @torch.no_grad()
 def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list[list[int]],
                       seeds: list[int], config: GRPOConfig) -> Experience:
-    """B = len(prompt_ids) completions (each prompt repeated K times, contiguously), sampled and scored."""
+    """B = len(prompt_ids) completions (each prompt repeated K times, contiguously), sampled, with the policy's
+    log-probs (the frozen models and reward functions score in `score_frozen`)."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
@@ -75,12 +76,26 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
                      reward_parts=zeros(len(sources.names), B))
     if config.mask_truncated_completions:  # DAPO: no loss on completions that hit max_new_tokens
         exp.loss_mask = batch.response_mask * batch.ended.unsqueeze(1).float()
-    micro = config.forward_batch_size or mini_batch_size(config) // config.gradient_accumulation_steps
-    if need_old or sources.model is not None:
-        for idx, sub in batch.micro_batches(torch.arange(B), micro):
+    if need_old:
+        for idx, sub in batch.micro_batches(torch.arange(B), scoring_micro_batch(config)):
             width = sub.response_mask.shape[1]
-            if need_old:
-                exp.logprobs[idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
+            exp.logprobs[idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
+    exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
+    return exp
+
+
+def scoring_micro_batch(config: GRPOConfig) -> int:
+    return config.forward_batch_size or mini_batch_size(config) // config.gradient_accumulation_steps
+
+
+@torch.no_grad()
+def score_frozen(models: GroupModels, exp: Experience, config: GRPOConfig) -> None:
+    """The reference's log-probs (beta > 0) and the rewards: the reward model's and the functions', weighted and
+    summed into exp.scores."""
+    batch, records, texts, sources = exp.batch, exp.records, exp.texts, models.rewards
+    if models.ref is not None or sources.model is not None:
+        for idx, sub in batch.micro_batches(torch.arange(len(exp)), scoring_micro_batch(config)):
+            width = sub.response_mask.shape[1]
             if models.ref is not None:
                 exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
             if sources.model is not None:
@@ -90,8 +105,6 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
     exp.reward_parts[n_model:] = sources.function_rewards(records, texts, batch).to(batch.device)
     weights = torch.tensor(sources.weights, device=batch.device)  # (S,)
     exp.scores = (weights.unsqueeze(1) * exp.reward_parts).sum(0)  # (B,)
-    exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
-    return exp
 
 
 # 3. rewards and group baselines ----------------------------------------------------------------------------
@@ -161,6 +174,9 @@ class GroupRL(RLAlgorithm):
         super().__init__(config)
         self.models = load_group_models(config)
         self.share_models({"policy": self.models.policy})
+        reward_model = self.models.rewards.model
+        self.share_frozen({"reference": self.models.ref,
+                           "reward model": reward_model.model if reward_model is not None else None})
         steps = config.max_steps * config.num_iterations * (rollout_size(config) // mini_batch_size(config))
         self.optimizers = {"policy": build_optimizer(self.models.policy, config)}
         self.schedulers = {"policy": build_scheduler(self.optimizers["policy"], config, steps)}
@@ -177,6 +193,9 @@ class GroupRL(RLAlgorithm):
 
     def rollout(self, records, prompt_ids, seeds) -> Experience:
         return rollout_and_score(self.models, records, prompt_ids, seeds, self.config)
+
+    def score(self, exp: Experience) -> None:
+        score_frozen(self.models, exp, self.config)
 
     def advantages(self, exp: Experience) -> dict:
         return group_advantages(exp, self.models.rewards.names, self.config)

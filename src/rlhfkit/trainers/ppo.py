@@ -2,7 +2,8 @@
 
 One iteration (the loop is trainers/rl_loop.py; this file supplies its steps, in order):
   1. rollout  - sample one response per prompt from the policy (KV cache, left-padded prompts);
-  2. score    - log-probs under the policy and the frozen reference, critic values, reward-model scores;
+  2. score    - log-probs under the policy and critic values, then the frozen reference's log-probs and the
+                reward model's scores;
   3. shape    - per-token reward -kl_coef * KL_t, plus the RM score at the last response token;
   4. GAE      - advantages and returns, advantages whitened over the batch;
   5. update   - ppo_epochs x mini-batches: clipped policy loss and clipped value loss per micro-batch;
@@ -36,7 +37,8 @@ from rlhfkit.trainers.rl_loop import MicroBatch, RLAlgorithm, run_rl
 @torch.no_grad()
 def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[list[int]],
                       seeds: list[int], config: PPOConfig) -> Experience:
-    """Sample one response per prompt, then score every sample with every model."""
+    """Sample one response per prompt, then score every sample with the trained models (policy and critic; the
+    frozen ones score in `score_frozen`)."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
@@ -50,21 +52,33 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
     zeros = batch.response_mask.new_zeros  # float32, on the rollout's device
     exp = Experience(batch, records, texts, scores=zeros(B), logprobs=zeros(B, R), ref_logprobs=zeros(B, R),
                      values=zeros(B, R))
-    # Score in micro-batches of similar lengths: less padding, and memory bounded like the update's.
-    micro = config.forward_batch_size or config.mini_batch_size // config.gradient_accumulation_steps
     if config.logprobs_from_sampling:
         for i, sample in enumerate(samples):
             exp.logprobs[i, :len(sample.logprobs)] = torch.tensor(sample.logprobs, device=batch.device)
-    for idx, sub in batch.micro_batches(torch.arange(B), micro):
+    for idx, sub in batch.micro_batches(torch.arange(B), scoring_micro_batch(config)):
         width = sub.response_mask.shape[1]
         if not config.logprobs_from_sampling:
             exp.logprobs[idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
-        exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
         exp.values[idx, :width] = response_values(models.critic, sub)
-        exp.scores[idx] = models.reward(sub, [records[i]["prompt"] for i in idx.tolist()],
-                                        [texts[i] for i in idx.tolist()])
     exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
     return exp
+
+
+def scoring_micro_batch(config: PPOConfig) -> int:
+    """Samples per scoring forward: micro-batches of similar lengths, so less padding, and memory bounded like the
+    update's."""
+    return config.forward_batch_size or config.mini_batch_size // config.gradient_accumulation_steps
+
+
+@torch.no_grad()
+def score_frozen(models: PPOModels, exp: Experience, config: PPOConfig) -> None:
+    """The frozen models' part of scoring: the reference's log-probs and the reward model's scores."""
+    B = len(exp)
+    for idx, sub in exp.batch.micro_batches(torch.arange(B), scoring_micro_batch(config)):
+        width = sub.response_mask.shape[1]
+        exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
+        exp.scores[idx] = models.reward(sub, [exp.records[i]["prompt"] for i in idx.tolist()],
+                                        [exp.texts[i] for i in idx.tolist()])
 
 
 # 3-4. shaped rewards and GAE -------------------------------------------------------------------------------
@@ -121,6 +135,7 @@ class PPO(RLAlgorithm):
         super().__init__(config)
         self.models = load_ppo_models(config)
         self.share_models({"policy": self.models.policy, "critic": self.models.critic})
+        self.share_frozen({"reference": self.models.ref, "reward model": self.models.reward.model})
         self.optimizers, self.schedulers = build_optimizers(self.models, config)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target if config.adaptive_kl else None,
                                    config.kl_horizon)
@@ -134,6 +149,9 @@ class PPO(RLAlgorithm):
 
     def rollout(self, records, prompt_ids, seeds) -> Experience:
         return rollout_and_score(self.models, records, prompt_ids, seeds, self.config)
+
+    def score(self, exp: Experience) -> None:
+        score_frozen(self.models, exp, self.config)
 
     def advantages(self, exp: Experience) -> dict:
         return shaped_advantages(exp, self.kl_ctl.value, self.config)

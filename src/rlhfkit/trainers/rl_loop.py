@@ -1,7 +1,8 @@
 """The RL iteration that PPO, GRPO and RLOO share, written once (cleanrl's shape: one loop, top to bottom).
 
 Each iteration:
-  1-2. rollout and score  - the algorithm samples responses and scores them into an `Experience`;
+  1-2. rollout and score  - the algorithm samples responses and scores them with its trained models into an
+                            `Experience`, then with its frozen ones (the reference, the reward model);
   3-4. rewards, advantages - the algorithm's own (PPO: KL-shaped per-token rewards and GAE; GRPO/RLOO: group
                             baselines);
   5.   update            - epochs x shuffled mini-batches x micro-batches: the algorithm's loss per micro-batch,
@@ -15,8 +16,9 @@ of the prompts (a prompt's K samples stay together), every sample seeded by its 
 whole batch, in every process alike. In step 5 each process computes its share of every mini-batch, normalised
 by the mini-batch's global units, and the gradients are summed over processes before clipping
 (models.parallel.TrainedRoles): N processes take the one-process step. With `distributed: fsdp` the trained
-models are sharded (FSDP2): each rollout runs inside `parallel.gathered()`, which gathers them whole once, and
-the update runs in lockstep, a process short of rows taking part with stand-in micro-batches whose loss counts
+models are sharded (FSDP2): each rollout runs inside `parallel.gathered()`, which gathers them whole once (and
+with `fsdp_frozen: shard` the frozen models' scoring pass inside `frozen.gathered()`, once the trained ones are
+sharded again), and the update runs in lockstep, a process short of rows taking part with stand-in micro-batches whose loss counts
 zero, so that every process runs the same collectives.
 
 An algorithm is a class with the attributes and methods of `RLAlgorithm`; ppo.py and grpo.py each define one
@@ -44,7 +46,7 @@ from rlhfkit.runtime.interrupt import stop_on_signals
 from rlhfkit.runtime.model_card import write_model_card
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.runtime.device import resolve_device, stage_device
-from rlhfkit.models.parallel import TrainedRoles, fsdp_rollouts_supported
+from rlhfkit.models.parallel import FrozenModels, TrainedRoles, fsdp_rollouts_supported
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.gather import gather_experience
 from rlhfkit.rollout.generate import sample_seeds
@@ -96,6 +98,7 @@ class RLAlgorithm:
         self.models = None           # a bundle with .policy, .tokenizer, .save(folder), .encode_prompts, .gold
         self.trained: dict[str, torch.nn.Module] = {}        # name -> trained model
         self.parallel: TrainedRoles | None = None            # how the update reaches them (set before optimizers)
+        self.frozen: FrozenModels | None = None              # the frozen models, whole or sharded (share_frozen)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
         self.stateful: dict[str, object] = {}                # also saved in checkpoints (e.g. a KL controller)
@@ -114,7 +117,12 @@ class RLAlgorithm:
 
     # The steps.
     def rollout(self, records: list[dict], prompt_ids: list[list[int]], seeds: list[int]) -> Experience:
-        """Sample (one seed per sample: rollout.generate.sample_seeds) and score these prompts."""
+        """Sample (one seed per sample: rollout.generate.sample_seeds) and score these prompts with the trained
+        models."""
+        raise NotImplementedError
+
+    def score(self, exp: Experience) -> None:
+        """Score a rollout with the frozen models (the reference, the reward model) and fill exp.scores."""
         raise NotImplementedError
 
     def advantages(self, exp: Experience) -> dict:
@@ -126,6 +134,14 @@ class RLAlgorithm:
         before building the optimizers)."""
         self.trained = trained
         self.parallel = TrainedRoles(trained, processes(), self.device, self.config.distributed)
+
+    def share_frozen(self, frozen: dict[str, torch.nn.Module | None]) -> None:
+        """Set the frozen models (name -> model, None when absent): sharded with `fsdp_frozen: shard` under FSDP."""
+        shard = self.config.distributed == "fsdp" and self.config.fsdp_frozen == "shard"
+        procs = processes()
+        self.frozen = FrozenModels(frozen, procs, self.device, shard)
+        if self.frozen.sharded and procs.main:
+            print(f"fsdp_frozen: {', '.join(self.frozen.names)} sharded over {procs.world} processes")
 
     def micro_batch_loss(self, mb: MicroBatch) -> dict:
         """Forward and backward of one micro-batch, each loss through `mb.backprop`; its metrics."""
@@ -303,6 +319,12 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
                         local = algo.rollout(_repeat([records[i] for i in prompts], k),
                                              _repeat([prompt_ids[i] for i in prompts], k),
                                              sample_seeds(config.seed, step, indices))
+            with algo.frozen.gathered():  # fsdp_frozen: shard: the frozen models whole, the trained ones sharded
+                if local is not None:
+                    scored = time.perf_counter()
+                    with autocast(config.mixed_precision, device.type):
+                        algo.score(local)
+                    local.timings["time/score_s"] += time.perf_counter() - scored
             exp = gather_experience(local, indices, procs, algo.models.tokenizer.pad_token_id, device)
             # 3-4. rewards and advantages
             metrics = algo.advantages(exp)
