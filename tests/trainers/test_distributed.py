@@ -596,12 +596,14 @@ def test_lora_sft_under_fsdp_trains_the_adapter_one_process_trains(tmp_path):
 def test_lora_ppo_under_fsdp_trains_the_adapters_one_process_trains(tmp_path):
     """LoRA PPO: one base carries the policy and critic adapters (and is the reference with them off); under
     FSDP that base is sharded once, and the critic's value head, which lives outside it, is averaged over the
-    processes by hand. Both adapters and the head end where one process ends them (measured: at most 2e-5
-    apart relative to each tensor, the policy adapters' B matrices, which start at zero)."""
+    processes by hand. The reward model, a model of its own, is sharded too (`fsdp_frozen: shard`, the layout
+    that fits phi-2 on 5 T4s): the reference scores with the gathered base, the reward model in its own pass.
+    Both adapters and the head end where one process ends them (measured: at most 2e-5 apart relative to each
+    tensor, the policy adapters' B matrices, which start at zero)."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about item {i}"} for i in range(12)])
     rm = save_random_reward_model(tmp_path / "rm")
     outs = []
-    for layout in ("1", "2-fsdp"):
+    for layout in ("1", "2-fsdp-frozen"):
         n, _, extra = LAYOUTS[layout]
         outs.append(tmp_path / f"lora-{layout}")
         done = _run(["ppo", "--preset", "tiny", "--mixed-precision", "no", "--progress", "false", "--data",
@@ -609,6 +611,7 @@ def test_lora_ppo_under_fsdp_trains_the_adapters_one_process_trains(tmp_path):
                      "--max-steps", "3", "--save-every", "0", "--lora-r", "4", "--learning-rate", "1e-2",
                      "--output-dir", str(outs[-1]), *extra], n, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert ("fsdp_frozen: reward model sharded over 2 processes" in done.stdout) == (n == 2)
     for name, count in (("adapter_model.safetensors", 28), ("critic/adapter_model.safetensors", 28),
                         ("critic/value_head.safetensors", 1)):
         one, two = (load_file(str(out / name)) for out in outs)

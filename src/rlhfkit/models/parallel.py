@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.models.roles import on_shared_base
 from rlhfkit.runtime.distributed import Processes
 
 
@@ -293,7 +294,7 @@ class FrozenModels:
 
     def __init__(self, models: dict[str, torch.nn.Module | None], procs: Processes, device: torch.device,
                  shard: bool = False):
-        own = {name: m for name, m in models.items() if m is not None and not hasattr(m, "shared_base")}
+        own = {name: m for name, m in models.items() if m is not None and not on_shared_base(m)}
         self.names = list(own) if shard and procs.many else []
         self.roots = [start_root(shard_model(own[name], device)) for name in self.names]
 

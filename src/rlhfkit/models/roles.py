@@ -104,3 +104,9 @@ class Role(torch.nn.Module):
                 if name in own:
                     own[name].copy_(value)
         return missing, unexpected
+
+
+def on_shared_base(model) -> bool:
+    """Whether `model` is a role on a shared (LoRA) base rather than a model of its own: a LoRA reference or reward
+    model scores with the trained base, wherever that base is (whole, or gathered from its FSDP shards)."""
+    return isinstance(model, Role)

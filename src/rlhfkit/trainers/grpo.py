@@ -27,6 +27,7 @@ from rlhfkit.core.group_advantages import GROUP_ADVANTAGES
 from rlhfkit.core.grpo_loss import grpo_policy_loss
 from rlhfkit.core.kl import kl_penalty
 from rlhfkit.core.masked import masked_mean, masked_sum
+from rlhfkit.models.roles import on_shared_base
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.generate import sample_responses
@@ -54,7 +55,8 @@ def single_on_policy_step(config: GRPOConfig) -> bool:
 def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list[list[int]],
                       seeds: list[int], config: GRPOConfig) -> Experience:
     """B = len(prompt_ids) completions (each prompt repeated K times, contiguously), sampled, with the policy's
-    log-probs (the frozen models and reward functions score in `score_frozen`)."""
+    log-probs (and a LoRA reference's, on the policy's base; models of their own and reward functions score in
+    `score_frozen`)."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
@@ -80,6 +82,7 @@ def rollout_and_score(models: GroupModels, records: list[dict], prompt_ids: list
         for idx, sub in batch.micro_batches(torch.arange(B), scoring_micro_batch(config)):
             width = sub.response_mask.shape[1]
             exp.logprobs[idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
+            frozen_scores(models, exp, idx, sub, config, on_base=True)
     exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
     return exp
 
@@ -95,16 +98,24 @@ def score_frozen(models: GroupModels, exp: Experience, config: GRPOConfig) -> No
     batch, records, texts, sources = exp.batch, exp.records, exp.texts, models.rewards
     if models.ref is not None or sources.model is not None:
         for idx, sub in batch.micro_batches(torch.arange(len(exp)), scoring_micro_batch(config)):
-            width = sub.response_mask.shape[1]
-            if models.ref is not None:
-                exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
-            if sources.model is not None:
-                exp.reward_parts[0, idx] = sources.model(sub, [records[i]["prompt"] for i in idx.tolist()],
-                                                         [texts[i] for i in idx.tolist()]).float()
+            frozen_scores(models, exp, idx, sub, config, on_base=False)
     n_model = 1 if sources.model is not None else 0
     exp.reward_parts[n_model:] = sources.function_rewards(records, texts, batch).to(batch.device)
     weights = torch.tensor(sources.weights, device=batch.device)  # (S,)
     exp.scores = (weights.unsqueeze(1) * exp.reward_parts).sum(0)  # (B,)
+
+
+def frozen_scores(models: GroupModels, exp: Experience, idx: torch.Tensor, sub, config: GRPOConfig,
+                  on_base: bool) -> None:
+    """One micro-batch's reference log-probs and reward-model scores, from the frozen models that are roles on the
+    policy's base (`on_base`: LoRA, scored with the policy) or models of their own (not `on_base`)."""
+    width = sub.response_mask.shape[1]
+    if models.ref is not None and on_shared_base(models.ref) == on_base:
+        exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
+    scorer = models.rewards.model
+    if scorer is not None and on_shared_base(scorer.model) == on_base:
+        exp.reward_parts[0, idx] = scorer(sub, [exp.records[i]["prompt"] for i in idx.tolist()],
+                                          [exp.texts[i] for i in idx.tolist()]).float()
 
 
 # 3. rewards and group baselines ----------------------------------------------------------------------------

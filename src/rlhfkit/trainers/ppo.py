@@ -25,6 +25,7 @@ from rlhfkit.core.kl_controller import KLController
 from rlhfkit.core.masked import masked_mean
 from rlhfkit.core.ppo_loss import aggregate_loss, explained_variance, ppo_policy_loss, ppo_value_loss
 from rlhfkit.core.reward_shaping import shape_rewards
+from rlhfkit.models.roles import on_shared_base
 from rlhfkit.rollout.batch import build_rollout_batch
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.generate import sample_responses
@@ -37,8 +38,8 @@ from rlhfkit.trainers.rl_loop import MicroBatch, RLAlgorithm, run_rl
 @torch.no_grad()
 def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[list[int]],
                       seeds: list[int], config: PPOConfig) -> Experience:
-    """Sample one response per prompt, then score every sample with the trained models (policy and critic; the
-    frozen ones score in `score_frozen`)."""
+    """Sample one response per prompt, then score every sample with the trained models (policy and critic, and a
+    LoRA reference or reward model on their base; frozen models of their own score in `score_frozen`)."""
     started = time.perf_counter()
     samples = sample_responses(models.policy, models.tokenizer, prompt_ids, config.max_new_tokens,
                                config.temperature, config.top_p, batch_size=len(prompt_ids),
@@ -60,6 +61,7 @@ def rollout_and_score(models: PPOModels, records: list[dict], prompt_ids: list[l
         if not config.logprobs_from_sampling:
             exp.logprobs[idx, :width] = response_logprobs(models.policy, sub, config.temperature)[0]
         exp.values[idx, :width] = response_values(models.critic, sub)
+        frozen_scores(models, exp, idx, sub, config, on_base=True)
     exp.timings = {"time/rollout_s": generated - started, "time/score_s": time.perf_counter() - generated}
     return exp
 
@@ -72,11 +74,20 @@ def scoring_micro_batch(config: PPOConfig) -> int:
 
 @torch.no_grad()
 def score_frozen(models: PPOModels, exp: Experience, config: PPOConfig) -> None:
-    """The frozen models' part of scoring: the reference's log-probs and the reward model's scores."""
-    B = len(exp)
-    for idx, sub in exp.batch.micro_batches(torch.arange(B), scoring_micro_batch(config)):
-        width = sub.response_mask.shape[1]
+    """The frozen models' own scoring pass: the reference's log-probs and the reward model's scores, from those of
+    them that are models of their own."""
+    for idx, sub in exp.batch.micro_batches(torch.arange(len(exp)), scoring_micro_batch(config)):
+        frozen_scores(models, exp, idx, sub, config, on_base=False)
+
+
+def frozen_scores(models: PPOModels, exp: Experience, idx: torch.Tensor, sub, config: PPOConfig,
+                  on_base: bool) -> None:
+    """One micro-batch's reference log-probs and reward-model scores, from the frozen models that are roles on the
+    trained base (`on_base`: LoRA, scored with the trained models) or models of their own (not `on_base`)."""
+    width = sub.response_mask.shape[1]
+    if on_shared_base(models.ref) == on_base:
         exp.ref_logprobs[idx, :width] = response_logprobs(models.ref, sub, config.temperature)[0]
+    if on_shared_base(models.reward.model) == on_base:
         exp.scores[idx] = models.reward(sub, [exp.records[i]["prompt"] for i in idx.tolist()],
                                         [exp.texts[i] for i in idx.tolist()])
 
