@@ -245,6 +245,25 @@ def test_reward_and_dpo_on_two_processes_take_the_steps_of_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_held_out_evaluation_is_shared_out_and_adds_up_to_one_process(tmp_path):
+    """8 held-out pairs in batches of 3: process 0 scores batches 0 and 2, process 1 batch 1, and the counts are
+    added over processes, under DDP and under FSDP (the model gathered once, so that the processes' different
+    numbers of forwards need no peer). With a learning rate of 0 every run evaluates the same weights: the
+    numbers are one process's, up to the order of float64 sums."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(20, seed=3))  # 8 of them held out (by prompt)
+    settings = ["--data", str(pairs), "--eval-fraction", "0.4", "--eval-every", "1", "--batch-size", "3",
+                "--max-steps", "2", "--save-every", "0", "--learning-rate", "0"]
+    (_, rows1), *others = _same_run_on_one_and_two("reward", settings, tmp_path, launchers=("zygote", "zygote-fsdp"))
+    evals = [[{k: v for k, v in row.items() if k.startswith("eval/")} for row in rows1]]
+    evals += [[{k: v for k, v in row.items() if k.startswith("eval/")} for row in rows2] for _, rows2 in others]
+    assert [sorted(row) for row in evals[0]] == [["eval/accuracy", "eval/loss"]] * 2
+    for two in evals[1:]:
+        for a, b in zip(evals[0], two):
+            assert b["eval/accuracy"] == a["eval/accuracy"]
+            assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-9)
+
+
+@pytest.mark.slow
 def test_the_demo_refuses_to_run_under_a_launcher(tmp_path):
     done = _run(["demo", "--preset", "demo-tiny", "--output-dir", str(tmp_path / "demo")], 2, tmp_path, timeout=300)
     assert done.returncode != 0 and not (tmp_path / "demo").exists()

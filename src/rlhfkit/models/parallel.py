@@ -173,21 +173,14 @@ class GradientSum:
 
     @contextlib.contextmanager
     def whole(self):
-        """Every weight gathered whole in every process (FSDP), e.g. to evaluate, or to save the model from the
-        main process; every process must enter it. Nothing to do otherwise."""
+        """Every weight gathered whole in every process (FSDP), to evaluate: once on entry, so that the forwards
+        inside need no peer and each process can run its own share of the held-out batches (`gathered_whole`;
+        every process must enter it). Nothing to do otherwise."""
         if self.fsdp is None:
             yield
             return
-        from torch.distributed.fsdp import FSDPModule
-
-        groups = [m for m in self.fsdp.modules() if isinstance(m, FSDPModule)]
-        for group in groups:
-            group.unshard()
-        try:
+        with gathered_whole([self.fsdp]):
             yield
-        finally:
-            for group in groups:
-                group.reshard()
 
     def full_state_dict(self) -> dict | None:
         """FSDP: the model's whole weights, on the CPU of the main process (the other processes get an empty

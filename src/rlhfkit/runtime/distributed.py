@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -106,6 +107,31 @@ def all_gather(value, procs: Processes) -> list:
     gathered: list = [None] * procs.world
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def sum_dicts_across(sums: dict[str, float], procs: Processes) -> dict[str, float]:
+    """Each process's sums, added key by key over all processes (a process with no share may have no keys)."""
+    if not procs.many:
+        return dict(sums)
+    totals: dict[str, float] = {}
+    for part in all_gather(sums, procs):
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def sum_over_shares(n_batches: int, fn: Callable[[int], dict[str, float]],
+                    procs: Processes | None = None) -> dict[str, float]:
+    """Batches 0 .. n_batches - 1 dealt out over the processes (`my_share`: batch k to process k mod N); each
+    process adds up `fn(k)` over its own batches, and every process gets the sums over all of them. A held-out
+    evaluation so costs each of N processes 1/N of the forwards, and gives one process's numbers (up to the order
+    of the float sums). Every process must call it, one with no batch too."""
+    procs = procs or processes()
+    totals: dict[str, float] = {}
+    for k in my_share(list(range(n_batches)), procs):
+        for key, value in fn(k).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return sum_dicts_across(totals, procs)
 
 
 def finish_processes() -> None:

@@ -25,7 +25,8 @@ from rlhfkit.runtime.checkpoint import seed_everything
 from rlhfkit.runtime.precision import autocast
 from rlhfkit.rollout.scoring import tail_logprobs
 from rlhfkit.data.length_buckets import bucket_overhead, forward_in_buckets
-from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.distributed import sum_over_shares
+from rlhfkit.trainers.supervised_loop import SupervisedTask, held_out_batches, run_supervised
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.device import resolve_device, to_device
@@ -79,17 +80,17 @@ def precompute_reference(ref, examples: list[dict], collate, batch_size: int, mi
 
 
 def evaluate_dpo(model, ref, examples: list, collate, config: DPOConfig) -> dict:
-    """Held-out DPO loss, implicit-reward accuracy and margin, averaged over pairs."""
-    totals: dict[str, float] = {}
-    seen = 0
-    for n, start in enumerate(range(0, len(examples), config.batch_size)):
-        if config.eval_batches and n >= config.eval_batches:
-            break
-        loss, metrics, size = pair_loss(model, ref, collate(examples[start:start + config.batch_size]), config)
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * size
-        seen += size
-    return {key.removeprefix("dpo/"): value / max(seen, 1) for key, value in totals.items()}
+    """Held-out DPO loss, implicit-reward accuracy and margin, averaged over pairs (each process evaluates its
+    share of the batches; the sums are added over processes)."""
+    size = config.batch_size
+
+    def sums(k: int) -> dict:
+        loss, metrics, pairs = pair_loss(model, ref, collate(examples[k * size:(k + 1) * size]), config)
+        return {"pairs": pairs, **{key: float(value) * pairs for key, value in {"loss": loss, **metrics}.items()}}
+
+    totals = sum_over_shares(held_out_batches(len(examples), size, config.eval_batches), sums)
+    seen = max(totals.pop("pairs", 0.0), 1.0)
+    return {key.removeprefix("dpo/"): value / seen for key, value in totals.items()}
 
 
 @tracked("dpo")

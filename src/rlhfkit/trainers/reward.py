@@ -16,7 +16,8 @@ from rlhfkit.models.loading import check_fits_context, load_tokenizer, set_gradi
 from rlhfkit.models.reward_model import load_reward_model, score_sequences
 from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.checkpoint import seed_everything
-from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.distributed import sum_over_shares
+from rlhfkit.trainers.supervised_loop import SupervisedTask, held_out_batches, run_supervised
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
 from rlhfkit.runtime.device import resolve_device, to_device
@@ -44,22 +45,28 @@ def reward_loss(use_margin: bool):
 
 def evaluate_pairs(model, examples: list, collate, batch_size: int, gold_diffs: list[float] | None,
                    max_batches: int = 0) -> dict:
-    """Held-out loss and accuracy; with gold score differences, agreement of the RM's order with gold's."""
-    diffs, losses = [], []
-    for n, start in enumerate(range(0, len(examples), batch_size)):
-        if max_batches and n >= max_batches:
-            break
+    """Held-out loss and accuracy (a tie counts half); with gold score differences, agreement of the RM's order
+    with gold's over the pairs gold decides. Each process evaluates its share of the batches; the counts are
+    added over processes."""
+    def sums(k: int) -> dict:
+        start = k * batch_size
         chosen, rejected = pair_scores(model, collate(examples[start:start + batch_size]))
-        losses.append(bradley_terry_loss(chosen, rejected)[0].item() * chosen.shape[0])
-        diffs.extend((chosen - rejected).tolist())
-    d = torch.tensor(diffs)
-    metrics = {"loss": sum(losses) / max(len(diffs), 1),
-               "accuracy": ((d > 0).float() + 0.5 * (d == 0).float()).mean().item()}
+        d = chosen - rejected  # (b,)
+        out = {"loss": bradley_terry_loss(chosen, rejected)[0].item() * d.shape[0], "pairs": d.shape[0],
+               "correct": ((d > 0).float() + 0.5 * (d == 0).float()).sum().item()}
+        if gold_diffs is not None:
+            gold = torch.tensor(gold_diffs[start:start + d.shape[0]], dtype=d.dtype)
+            decided = gold != 0
+            out["gold_decided"] = decided.sum().item()
+            out["gold_agree"] = (torch.sign(d[decided]) == torch.sign(gold[decided])).sum().item()
+        return out
+
+    total = sum_over_shares(held_out_batches(len(examples), batch_size, max_batches), sums)
+    pairs = max(total.get("pairs", 0.0), 1.0)
+    metrics = {"loss": total.get("loss", 0.0) / pairs, "accuracy": total.get("correct", 0.0) / pairs}
     if gold_diffs is not None:
-        gold = torch.tensor(gold_diffs[:len(diffs)])
-        decided = gold != 0
-        agree = (torch.sign(d[decided]) == torch.sign(gold[decided])).float()
-        metrics["gold_agreement"] = agree.mean().item() if agree.numel() else float("nan")
+        decided = total.get("gold_decided", 0.0)
+        metrics["gold_agreement"] = total.get("gold_agree", 0.0) / decided if decided else float("nan")
     return metrics
 
 

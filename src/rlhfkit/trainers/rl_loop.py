@@ -50,7 +50,8 @@ from rlhfkit.models.parallel import FrozenModels, TrainedRoles, fsdp_rollouts_su
 from rlhfkit.rollout.batch import RolloutBatch
 from rlhfkit.rollout.gather import gather_experience
 from rlhfkit.rollout.generate import sample_seeds
-from rlhfkit.runtime.distributed import Processes, all_gather, barrier, my_samples, my_share, processes, sum_across
+from rlhfkit.runtime.distributed import (Processes, barrier, my_samples, my_share, processes, sum_across,
+                                         sum_dicts_across)
 from rlhfkit.runtime.precision import LossScaler, autocast, resolve_precision
 from rlhfkit.runtime.batch_order import BatchOrder
 from rlhfkit.runtime.sharded_state import ShardedState
@@ -232,12 +233,7 @@ def update(run: RunContext, algo: RLAlgorithm, exp: Experience, generator: torch
             n_updates += 1
     for model in algo.trained.values():
         model.eval()
-    if procs.many:  # each process summed its share; a process with no share at all has no keys
-        totals: dict[str, float] = {}
-        for part in all_gather(sums, procs):
-            for key, value in part.items():
-                totals[key] = totals.get(key, 0.0) + value
-        sums = totals
+    sums = sum_dicts_across(sums, procs)  # each process summed its share (one with no share has no keys)
     return {k: v / n_updates for k, v in {**sums, **norm_sums}.items()}
 
 

@@ -16,7 +16,8 @@ from rlhfkit.data.collate import collate_sft
 from rlhfkit.data.tokenize import tokenize_sft
 from rlhfkit.models.loading import check_fits_context, load_causal_lm, load_tokenizer, set_gradient_checkpointing
 from rlhfkit.runtime.checkpoint import seed_everything
-from rlhfkit.trainers.supervised_loop import SupervisedTask, run_supervised
+from rlhfkit.runtime.distributed import sum_over_shares
+from rlhfkit.trainers.supervised_loop import SupervisedTask, held_out_batches, run_supervised
 from rlhfkit.models.trained import base_path, load_trained_weights, save_trained, uses_lora, with_lora, write_merged
 from rlhfkit.runtime.output_dir import prepare_output_dir, resolve_output_dir
 from rlhfkit.data.stage_records import train_eval_records
@@ -43,15 +44,15 @@ def sft_loss(model, batch: dict, normaliser: float):
 
 
 def evaluate_nll(model, examples: list, collate, batch_size: int, max_batches: int = 0) -> dict:
-    """Token-mean NLL of completions over held-out examples, and its perplexity."""
-    nll, tokens = 0.0, 0.0
-    for n, start in enumerate(range(0, len(examples), batch_size)):
-        if max_batches and n >= max_batches:
-            break
-        logprobs, mask = completion_logprobs(model, collate(examples[start:start + batch_size]))
-        nll -= torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum().item()
-        tokens += mask.sum().item()
-    mean = nll / max(tokens, 1.0)
+    """Token-mean NLL of completions over held-out examples, and its perplexity (each process evaluates its
+    share of the batches; the sums are added over processes)."""
+    def sums(k: int) -> dict:
+        logprobs, mask = completion_logprobs(model, collate(examples[k * batch_size:(k + 1) * batch_size]))
+        return {"nll": -torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum().item(),
+                "tokens": mask.sum().item()}
+
+    total = sum_over_shares(held_out_batches(len(examples), batch_size, max_batches), sums)
+    mean = total.get("nll", 0.0) / max(total.get("tokens", 0.0), 1.0)
     return {"nll": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 

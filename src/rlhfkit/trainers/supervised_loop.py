@@ -52,6 +52,14 @@ class SupervisedTask:
     lr_overrides: dict[str, float] | None = None
 
 
+def held_out_batches(n_examples: int, batch_size: int, max_batches: int = 0) -> int:
+    """How many batches of `batch_size` a held-out evaluation runs over `n_examples` (at most `max_batches`, when
+    set); batch k holds examples k * batch_size onwards. Each process evaluates its share of them
+    (runtime.distributed.sum_over_shares)."""
+    n = math.ceil(n_examples / batch_size)
+    return min(n, max_batches) if max_batches else n
+
+
 def total_steps(config, n_examples: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
