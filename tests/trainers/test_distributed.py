@@ -275,16 +275,17 @@ def test_the_demo_refuses_to_run_under_a_launcher(tmp_path):
 @pytest.mark.parametrize("first,then", [("1", "2"), ("2", "1"), ("2-fsdp", "2-fsdp"), ("2-fsdp", "1"),
                                         ("1-fsdp", "2-fsdp")])
 def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, then):
-    """DDP: the main process writes full checkpoints (every process holds the same state). FSDP: every process
-    writes its shards with torch.distributed.checkpoint, which reads them back into any layout; a one-process
-    run under `distributed: fsdp` writes them too, so that it continues on two. The batch order
+    """Several processes write checkpoints with torch.distributed.checkpoint (FSDP: each its shards; DDP: each a
+    share of the replicated tensors), which reads them back into any layout; a one-process run under
+    `distributed: fsdp` writes them too, so that it continues on two, and a plain one-process checkpoint resumes
+    under DDP. The batch order
     is global, so a run checkpointed by `first` continues on `then` as if never interrupted: within rounding
     of the uninterrupted one-process run, and bit for bit that of an uninterrupted run on the same layout."""
     whole, _ = sft_run("1")
     uninterrupted, settings = sft_run(first)
     cut = tmp_path / "cut"
     shutil.copytree(uninterrupted, cut)
-    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == first.endswith("fsdp")
+    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == (first != "1")  # DCP but for one DDP process
     shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
     n, launcher, extra = LAYOUTS[then]
     done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, tmp_path, launcher=launcher)
@@ -292,7 +293,7 @@ def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, th
     assert "resuming from" in done.stdout and f"{cut / 'checkpoints' / 'step-2'}" in done.stdout
     assert [r["step"] for r in _rows(cut)] == [1, 2, 3, 4]
     _assert_same(_weights(whole), _weights(cut), _rows(whole), _rows(cut), ("loss", "grad_norm", "sft/nll"))
-    if first.endswith("fsdp"):  # model and optimizer in DCP's files only
+    if first != "1":  # model and optimizer in DCP's files only
         assert not (cut / "checkpoints" / "step-2" / "model").exists()
         assert not (cut / "checkpoints" / "step-2" / "optimizer.pt").exists()
     if first == then:
@@ -301,15 +302,15 @@ def test_sft_resumes_on_another_number_of_processes(sft_run, tmp_path, first, th
 
 
 @pytest.mark.slow
-def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path):
+def test_a_one_process_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Tell {w}", "completion": f"{w}."} for w in "abcdef"])
     settings = ["sft", "--preset", "tiny", "--progress", "false", "--data", str(data), "--eval-fraction", "0",
                 "--batch-size", "2", "--max-steps", "2", "--save-every", "1", "--output-dir", str(tmp_path / "cut")]
     assert _run(settings, 1, tmp_path).returncode == 0
     done = _run([*settings, "--resume", "true", "--distributed", "fsdp"], 2, tmp_path)
     assert done.returncode == 2  # each process exits with status 2
-    assert (f"rlhfkit sft: error: {tmp_path / 'cut' / 'checkpoints' / 'step-2'}: written with distributed: ddp; "
-            f"resume it with ddp") in done.stderr
+    assert (f"rlhfkit sft: error: {tmp_path / 'cut' / 'checkpoints' / 'step-2'}: written by one process with "
+            f"distributed: ddp; resume it with ddp") in done.stderr
 
 
 def test_a_process_stops_with_its_peers_when_only_a_peer_was_signalled(tmp_path, monkeypatch):
@@ -509,7 +510,7 @@ def test_ppo_resumes_on_the_same_or_another_number_of_processes(ppo_run, tmp_pat
     uninterrupted, settings, root = ppo_run(first)
     cut = tmp_path / "cut"
     shutil.copytree(uninterrupted, cut)
-    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == first.endswith("fsdp")
+    assert (cut / "checkpoints" / "step-2" / "sharded").is_dir() == (first != "1")  # DCP but for one DDP process
     shutil.rmtree(cut / "checkpoints" / "step-4")  # as if stopped after step 2's checkpoint
     n, _, extra = LAYOUTS[then]
     done = _run([*settings, *extra, "--output-dir", str(cut), "--resume", "true"], n, root)

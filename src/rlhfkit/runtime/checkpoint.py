@@ -150,8 +150,9 @@ def save_checkpoint(output_dir: Path, step: int, save_model: Callable[[Path], No
 
 def save_sharded_checkpoint(output_dir: Path, step: int, sharded, stateful: dict, trainer_state: dict,
                             keep_last_n: int, procs) -> Path:
-    """FSDP: every process writes its shards of the model and the optimizer into `sharded/` (`sharded.save`,
-    runtime/sharded_state.py); the main process writes the rest and makes the checkpoint whole, atomically, as
+    """Every process writes its part of the model and the optimizer into `sharded/` with torch.distributed.checkpoint
+    (`sharded.save`, runtime/sharded_state.py: under FSDP its shards; under DDP a share of the replicated tensors,
+    each written once); the main process writes the rest and makes the checkpoint whole, atomically, as
     `save_checkpoint` does. Every process must call it."""
     from rlhfkit.runtime.distributed import barrier
 

@@ -6,8 +6,10 @@ them back into any layout: the same number of processes, another one, or one pro
 reshards on load). `get_state_dict`/`set_state_dict` give the model's and the optimizer's state under the
 parameters' own names, whether the model is sharded or not.
 
-A `distributed: fsdp` run writes its checkpoints this way even on one process (no process group: `no_dist`), so
-that a run started on one process under FSDP continues on several, as one started on several continues on one.
+Under DDP every process holds the same whole tensors; DCP writes each of them once, the writes spread over the
+processes. A `distributed: fsdp` run writes its checkpoints this way even on one process (no process group:
+`no_dist`), so that a run started on one process under FSDP continues on several, as one started on several
+continues on one.
 """
 
 from __future__ import annotations

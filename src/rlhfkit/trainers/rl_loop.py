@@ -287,11 +287,12 @@ def run_rl(config, algorithm: type[RLAlgorithm]) -> Path:
                 **{f"{n}_scheduler": s for n, s in algo.schedulers.items()}, **algo.stateful, "guard": guard}
     if algo.scaler.active:
         stateful["loss_scaler"] = algo.scaler
-    # Checkpoints from an FSDP run hold the trained models and their optimizers sharded (any layout reads them)
+    # Checkpoints on several processes (and on one under FSDP) hold the trained models and their optimizers in
+    # torch.distributed.checkpoint's files, which any layout reads
     sharded = ShardedState(algo.parallel.owners(), list(algo.optimizers.values()),
                            covers=tuple(f"{n}_optimizer" for n in algo.optimizers))
     run = RunContext(config, out, config.max_steps, guard, stateful, unit="iteration", sharded=sharded,
-                     shard_writes=config.distributed == "fsdp")
+                     shard_writes=procs.many or config.distributed == "fsdp", reads_plain=not algo.parallel.lockstep)
     state = run.resume(algo.load_weights)
     step = 0
     if state is not None:

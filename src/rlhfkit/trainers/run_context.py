@@ -33,10 +33,12 @@ class RunContext:
     bar: Any = None                # tqdm progress bar, once started
     logs: dict[str, MetricsLog] = field(default_factory=dict)
     # The model and optimizer as torch.distributed.checkpoint reads and writes them (runtime/sharded_state.py):
-    # checkpoints hold them in `sharded/` when `shard_writes` (distributed: fsdp, on any number of processes), and
-    # any run can resume from such a one.
+    # checkpoints hold them in `sharded/` when `shard_writes` (several processes, or distributed: fsdp on one), and
+    # any run can resume from such a one. A checkpoint of one process's plain files (model/, optimizer.pt) resumes
+    # only where the models hold whole weights (`reads_plain`: not FSDP over several processes).
     sharded: Any = None
     shard_writes: bool = False
+    reads_plain: bool = True
 
     # -- resume ------------------------------------------------------------------------------------------
     def resume(self, load_weights: Callable[[Path], None]) -> dict | None:
@@ -49,14 +51,14 @@ class RunContext:
             return None
         self.resumed_from, path = found
         stateful = self.stateful
-        if (path / "sharded").is_dir():  # written under FSDP: read back into this run's layout
+        if (path / "sharded").is_dir():  # written by DCP: read back into this run's layout
             if self.sharded is None:
                 raise UserError(f"{path}: a sharded checkpoint (FSDP), which this stage cannot read")
             self.sharded.load(path / "sharded")
             stateful = {k: v for k, v in stateful.items() if k not in self.sharded.covers}
-        elif self.shard_writes:
-            raise UserError(f"{path}: written with distributed: ddp; resume it with ddp, or "
-                            f"start afresh in another output_dir")
+        elif not self.reads_plain:
+            raise UserError(f"{path}: written by one process with distributed: ddp; resume it with ddp, or start "
+                            f"afresh in another output_dir")
         else:
             load_weights(path / "model")
         state = load_checkpoint(path, stateful)
@@ -102,9 +104,9 @@ class RunContext:
         every = self.config.save_every
         at_end = step == self.total and self.config.checkpoint_at_end
         if at_end or stopping or (every and step % every == 0):
-            # Every process holds the same weights and optimizer state (gradients are summed before the step):
-            # the main one writes them, and the others wait until the checkpoint is whole.
-            if self.shard_writes:  # FSDP: each process writes its shards, the main one the rest
+            # DCP: each process writes its part (FSDP: its shards; DDP: its share of the replicated tensors, each
+            # written once), the main one the rest. One process alone writes plain files.
+            if self.shard_writes:
                 small = {k: v for k, v in self.stateful.items() if k not in self.sharded.covers}
                 saved = save_sharded_checkpoint(self.out, step, self.sharded, small, extra, self.config.keep_last_n,
                                                 procs)

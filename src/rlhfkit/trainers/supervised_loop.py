@@ -85,9 +85,10 @@ def run_supervised(task: SupervisedTask, config, output_dir: Path, desc: str) ->
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "guard": guard}
     if scaler.active:
         stateful["loss_scaler"] = scaler
-    # distributed: fsdp writes sharded checkpoints on any number of processes (one included), so they resume on any
+    # Checkpoints by torch.distributed.checkpoint on several processes, and on one under distributed: fsdp (so that
+    # it continues on several); plain files from one process otherwise
     run = RunContext(config, output_dir, steps, guard, stateful, sharded=ShardedState(task.model, optimizer),
-                     shard_writes=config.distributed == "fsdp")
+                     shard_writes=procs.many or config.distributed == "fsdp", reads_plain=not parallel.sharded)
     state = run.resume(task.load_model)
     step, microbatch = (state["step"], state["microbatch"]) if state is not None else (0, 0)
     log = run.log("metrics")
