@@ -4,7 +4,9 @@ On a CPU, N processes share its cores: one process with T threads against N proc
 Each case runs the real stage (`rlhfkit <stage>`, fp32) in fresh processes with the same global batch, and reads
 `perf/samples_per_s` from its metrics.jsonl (the global batch over the step's wall time, both computed by the
 main process), averaged over the steps after the first (which pays for warm-up). Both also run with
-`distributed: fsdp`.
+`distributed: fsdp`, and PPO with `fsdp_frozen: shard` as well (the reference and reward model sharded too).
+"peak RSS" is the largest process's peak resident memory (getrusage of the launched processes, each case in its
+own shim process): what one process needs, the number that decides whether N processes fit beside each other.
 
 Usage: python bench/processes.py [--models tiny,embedded] [--stages ppo,dpo] [--threads 2]
 (the embedded cases take a few minutes each on 2 cores; run nothing else meanwhile).
@@ -40,16 +42,22 @@ def run_case(stage: str, model: str, flags: dict, procs: int, threads: int, extr
         argv = as_argv(stage, {**flags, **extra, "output_dir": str(out)})
         launcher = [sys.executable] if procs == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        # getrusage(RUSAGE_CHILDREN) is a maximum over every child ever waited for: a fresh shim per case
+        shim = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+                "print(f'peak_rss_kib {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr); "
+                "sys.exit(code)")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         started = time.perf_counter()
-        done = subprocess.run([*launcher, "-m", "rlhfkit", *argv], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", shim, *launcher, "-m", "rlhfkit", *argv], env=env,
+                              capture_output=True, text=True)
         wall = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(f"{stage} {model} x{procs} failed:\n{done.stderr[-3000:]}")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["perf/samples_per_s"] for r in rows[1:]] or [rows[0]["perf/samples_per_s"]]
-    return {"samples_per_s": sum(rates) / len(rates), "wall_s": wall}
+    peak = int(done.stderr.rsplit("peak_rss_kib ", 1)[1].split()[0]) * 1024
+    return {"samples_per_s": sum(rates) / len(rates), "wall_s": wall, "peak_rss": peak}
 
 
 def main():
@@ -61,8 +69,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-processes-"))
     data = write_data(work / "data")
     layouts = [(1, args.threads, {}), (2, max(1, args.threads // 2), {})]
-    print(f"| model | stage | layout | samples/s | vs 1 process | wall s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | stage | layout | samples/s | vs 1 process | peak RSS of a process (GB) | wall s |")
+    print("|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for stage in args.stages.split(","):
             flags = {"model": model, "mixed_precision": "no", "progress": "false", "save_every": 0,
@@ -73,14 +81,17 @@ def main():
             else:
                 flags.update({"data": data["preference"], "eval_fraction": 0})
             cases = layouts + [(2, max(1, args.threads // 2), {"distributed": "fsdp"})]
+            if stage == "ppo":
+                cases.append((2, max(1, args.threads // 2), {"distributed": "fsdp", "fsdp_frozen": "shard"}))
             base = None
             for procs, threads, extra in cases:
                 result = run_case(stage, model, flags, procs, threads, extra)
                 base = base or result["samples_per_s"]
                 layout = f"{procs} x {threads} thread{'s' if threads > 1 else ''}" + \
-                    (f", {extra['distributed']}" if extra else "")
+                    "".join(f", {value}" if key == "distributed" else f", {key}: {value}" for key, value in extra.items())
                 print(f"| {model} | {stage} | {layout} | {result['samples_per_s']:.2f} | "
-                      f"{result['samples_per_s'] / base:.2f}x | {result['wall_s']:.0f} |", flush=True)
+                      f"{result['samples_per_s'] / base:.2f}x | {result['peak_rss'] / 1e9:.2f} | "
+                      f"{result['wall_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
