@@ -87,8 +87,9 @@ def main():
             for procs, threads, extra in cases:
                 result = run_case(stage, model, flags, procs, threads, extra)
                 base = base or result["samples_per_s"]
+                settings = [value if key == "distributed" else f"{key}: {value}" for key, value in extra.items()]
                 layout = f"{procs} x {threads} thread{'s' if threads > 1 else ''}" + \
-                    "".join(f", {value}" if key == "distributed" else f", {key}: {value}" for key, value in extra.items())
+                    "".join(f", {setting}" for setting in settings)
                 print(f"| {model} | {stage} | {layout} | {result['samples_per_s']:.2f} | "
                       f"{result['samples_per_s'] / base:.2f}x | {result['peak_rss'] / 1e9:.2f} | "
                       f"{result['wall_s']:.0f} |", flush=True)

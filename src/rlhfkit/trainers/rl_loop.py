@@ -18,8 +18,8 @@ by the mini-batch's global units, and the gradients are summed over processes be
 (models.parallel.TrainedRoles): N processes take the one-process step. With `distributed: fsdp` the trained
 models are sharded (FSDP2): each rollout runs inside `parallel.gathered()`, which gathers them whole once (and
 with `fsdp_frozen: shard` the frozen models' scoring pass inside `frozen.gathered()`, once the trained ones are
-sharded again), and the update runs in lockstep, a process short of rows taking part with stand-in micro-batches whose loss counts
-zero, so that every process runs the same collectives.
+sharded again), and the update runs in lockstep, a process short of rows taking part with stand-in micro-batches
+whose loss counts zero, so that every process runs the same collectives.
 
 An algorithm is a class with the attributes and methods of `RLAlgorithm`; ppo.py and grpo.py each define one
 and read top to bottom in the same order.
